@@ -1,0 +1,407 @@
+"""Hand-off artifact: the only thing that crosses sites (safetensors files + manifest.json + signature).
+
+One reader and one writer serve the directory form and the wire form (a mapping of file name to bytes):
+`encode_artifact` builds the files, `decode_artifact` verifies and parses them, `write_artifact_dir` /
+`read_artifact_dir` move them to and from disk. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from invcoss_core.config import ModelConfig
+from invcoss_core.signing import PublicKey, verify_bytes
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+WEIGHTS = "weights.safetensors"
+STATS = "stats.safetensors"
+SYNTHETIC = "synthetic.safetensors"
+REAL_BUFFER = "real_buffer.safetensors"  # MedCoSS baseline only: real images, never accepted by a site
+_SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}\.safetensors$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_FILE_BYTES = 8 << 30
+
+
+class ArtifactError(ValueError):
+    """An artifact is malformed, modified, unsigned, replayed or out of order; the message says which."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Frozen):
+    """Size and digest of one artifact file."""
+
+    sha256: str
+    bytes: int = Field(ge=0, le=MAX_FILE_BYTES)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _HEX64.match(value):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        return value
+
+
+class GateSummary(_Frozen):
+    """What the privacy gate measured before the synthetic images left the site."""
+
+    checked: int = Field(ge=0)  # synthetic images compared with the real training set
+    blocked: int = Field(ge=0)  # images found above a threshold (regenerated or dropped)
+    dropped: int = Field(0, ge=0)  # blocked images that did not leave the site
+    threshold: dict[str, float]  # {"pixel": normalised correlation, "feature": encoder cosine}
+    max_similarity: dict[str, float]  # the largest similarity of any image that left, per measure
+    quantiles: dict[str, list[float]] = Field(default_factory=dict)  # 50/90/99/100 % of nearest-real similarity
+
+
+class Manifest(_Frozen):
+    """manifest.json: describes and hashes every file of the artifact."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    run_id: str = Field(min_length=1, max_length=128)
+    stage_index: int = Field(ge=1)  # 1 for the first stage of a run
+    site: str = Field(min_length=1, max_length=64)
+    modalities: list[str] = Field(min_length=1)  # trained so far, in order; the last is this stage's
+    profile: str
+    replay: str
+    parent_sha256: str | None  # manifest sha256 of the artifact this stage started from
+    files: dict[str, FileEntry]
+    synthetic: dict[str, int]  # synthetic images per modality in synthetic.safetensors
+    privacy_gate: GateSummary | None
+    created_at: str
+    architecture: ModelConfig  # enough to rebuild the model that reads weights.safetensors
+    contains_real_data: bool = False  # True only for the local real_buffer baseline
+    metrics: dict[str, float] = Field(default_factory=dict)  # stage summary numbers (no patient data)
+
+    @field_validator("parent_sha256")
+    @classmethod
+    def _parent_hex(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX64.match(value):
+            raise ValueError("parent_sha256 must be 64 lowercase hex digits or null")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, value: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in value:
+            if not _SAFE_NAME.match(name):
+                raise ValueError(f"file name {name!r} is not an allowed artifact file name")
+        for required in (WEIGHTS, STATS, SYNTHETIC):
+            if required not in value:
+                raise ValueError(f"files must list {required}")
+        return value
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified, parsed hand-off artifact."""
+
+    manifest: Manifest
+    weights: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    synthetic: dict[str, torch.Tensor]  # modality -> (N, C, *img_size) float16 in [0, 1]
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. "ewc", "real_buffer"
+    manifest_bytes: bytes = b""
+    signed: bool = False
+
+    @property
+    def sha256(self) -> str:
+        """Digest of manifest.json: the artifact's identity in a parent chain."""
+        return sha256_hex(self.manifest_bytes)
+
+
+def sha256_hex(data: bytes) -> str:
+    """Lowercase hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_file(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(clean, metadata={"format": "pt"})
+
+
+def encode_artifact(
+    *,
+    run_id: str,
+    stage_index: int,
+    site: str,
+    modalities: list[str],
+    profile: str,
+    replay: str,
+    parent_sha256: str | None,
+    architecture: ModelConfig,
+    weights: Mapping[str, torch.Tensor],
+    stats: Mapping[str, torch.Tensor],
+    synthetic: Mapping[str, torch.Tensor],
+    extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    privacy_gate: GateSummary | None = None,
+    metrics: Mapping[str, float] | None = None,
+    signer: Callable[[bytes], bytes] | None = None,
+    created_at: str | None = None,
+) -> dict[str, bytes]:
+    """Serialise an artifact into its files (name -> bytes).
+
+    Args:
+        synthetic: modality -> (N, C, *img_size) images; stored as float16.
+        extras: name -> tensors, written as `<name>.safetensors` (e.g. EWC Fisher, the real buffer).
+        signer: signs manifest.json's bytes (the site's private key); None leaves the artifact unsigned.
+    Returns:
+        {file name: bytes}, including manifest.json and (when signed) manifest.sig.
+    Raises:
+        ArtifactError: for non-finite weights or a synthetic pool of the wrong rank.
+    """
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"weight {name} holds NaN or inf; refusing to hand off a broken model")
+    pools: dict[str, torch.Tensor] = {}
+    for modality, images in synthetic.items():
+        spec = architecture.spec(modality)
+        if tuple(images.shape[1:]) != spec.input_shape:
+            raise ArtifactError(
+                f"synthetic pool {modality} has shape {tuple(images.shape)}; expected (N, {spec.input_shape})"
+            )
+        pools[modality] = images.to(torch.float16)
+    files: dict[str, bytes] = {
+        WEIGHTS: _tensor_file(weights),
+        STATS: _tensor_file(stats),
+        SYNTHETIC: _tensor_file(pools),
+    }
+    contains_real = False
+    for name, tensors in (extras or {}).items():
+        file_name = f"{name}.safetensors"
+        files[file_name] = _tensor_file(tensors)
+        contains_real = contains_real or file_name == REAL_BUFFER
+    manifest = Manifest(
+        run_id=run_id,
+        stage_index=stage_index,
+        site=site,
+        modalities=list(modalities),
+        profile=profile,
+        replay=replay,
+        parent_sha256=parent_sha256,
+        files={n: FileEntry(sha256=sha256_hex(b), bytes=len(b)) for n, b in sorted(files.items())},
+        synthetic={m: int(t.shape[0]) for m, t in pools.items()},
+        privacy_gate=privacy_gate,
+        created_at=created_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        architecture=architecture,
+        contains_real_data=contains_real,
+        metrics=dict(metrics or {}),
+    )
+    manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+    files[MANIFEST] = manifest_bytes
+    if signer is not None:
+        files[SIGNATURE] = signer(manifest_bytes)
+    return files
+
+
+def _load_tensors(name: str, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return dict(st_load(data))
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"{name} is not a valid safetensors file: {err}") from None
+
+
+def decode_artifact(
+    files: Mapping[str, bytes],
+    *,
+    public_key: PublicKey | None = None,
+    require_signature: bool = False,
+    source: str = "artifact",
+) -> Artifact:
+    """Verify and parse an artifact's files.
+
+    Checks, in order: manifest schema, the exact file set, every file's size and sha256, the signature (when a
+    key is given or required), tensor parsing, finite weights, synthetic counts and shapes.
+
+    Args:
+        files: file name -> bytes (a directory's content or a message's payload).
+        public_key: the sending site's enrolled key; the signature must verify against it.
+        require_signature: refuse an unsigned artifact even when no key is given.
+        source: used in error messages (a path or a message id).
+    Raises:
+        ArtifactError: naming what failed.
+    """
+    if MANIFEST not in files:
+        raise ArtifactError(f"{source}: {MANIFEST} is missing")
+    manifest_bytes = files[MANIFEST]
+    try:
+        manifest = Manifest.model_validate(json.loads(manifest_bytes))
+    except (ValueError, ValidationError) as err:
+        raise ArtifactError(f"{source}: {MANIFEST} is malformed: {err}") from None
+    expected = set(manifest.files) | {MANIFEST, SIGNATURE}
+    unexpected = sorted(set(files) - expected)
+    if unexpected:
+        raise ArtifactError(f"{source}: unexpected files not listed in the manifest: {unexpected}")
+    for name, entry in manifest.files.items():
+        if name not in files:
+            raise ArtifactError(f"{source}: {name} is listed in the manifest but missing")
+        data = files[name]
+        if len(data) != entry.bytes or sha256_hex(data) != entry.sha256:
+            raise ArtifactError(f"{source}: {name} does not match its manifest sha256/size (modified or corrupt)")
+    signed = False
+    if public_key is not None or require_signature:
+        signature = files.get(SIGNATURE)
+        if signature is None:
+            raise ArtifactError(
+                f"{source}: unsigned artifact ({SIGNATURE} missing); only signed hand-offs are accepted"
+            )
+        if public_key is None:
+            raise ArtifactError(f"{source}: no public key to verify the signature of site {manifest.site!r}")
+        if not verify_bytes(public_key, manifest_bytes, signature):
+            raise ArtifactError(
+                f"{source}: signature does not verify with the enrolled key of site {manifest.site!r} "
+                "(forged or modified manifest)"
+            )
+        signed = True
+    weights = _load_tensors(WEIGHTS, files[WEIGHTS])
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{source}: weight {name} holds NaN or inf")
+    synthetic = _load_tensors(SYNTHETIC, files[SYNTHETIC])
+    if {m: int(t.shape[0]) for m, t in synthetic.items()} != manifest.synthetic:
+        raise ArtifactError(f"{source}: synthetic pool counts differ from the manifest")
+    for modality, images in synthetic.items():
+        spec = manifest.architecture.spec(modality)
+        if images.dtype != torch.float16 or tuple(images.shape[1:]) != spec.input_shape:
+            raise ArtifactError(
+                f"{source}: synthetic pool {modality} has dtype/shape {images.dtype}/{tuple(images.shape)}"
+            )
+        if not bool(torch.isfinite(images).all()):
+            raise ArtifactError(f"{source}: synthetic pool {modality} holds NaN or inf")
+    extras = {
+        name[: -len(".safetensors")]: _load_tensors(name, files[name])
+        for name in manifest.files
+        if name not in (WEIGHTS, STATS, SYNTHETIC)
+    }
+    return Artifact(
+        manifest=manifest,
+        weights=weights,
+        stats=_load_tensors(STATS, files[STATS]),
+        synthetic=synthetic,
+        extras=extras,
+        manifest_bytes=manifest_bytes,
+        signed=signed,
+    )
+
+
+def check_lineage(
+    artifact: Artifact,
+    *,
+    run_id: str,
+    stage_index: int,
+    parent_sha256: str | None,
+    site: str | None = None,
+) -> None:
+    """Refuse an artifact that is not the expected next link of a run's chain.
+
+    Args:
+        run_id: the run it must belong to.
+        stage_index: the stage it must report.
+        parent_sha256: manifest digest of the artifact that stage started from (None for stage 1).
+        site: the site that must have produced it.
+    Raises:
+        ArtifactError: for a replayed (older stage), reordered, foreign-run or wrong-parent artifact.
+    """
+    m = artifact.manifest
+    if m.run_id != run_id:
+        raise ArtifactError(f"artifact belongs to run {m.run_id!r}, not {run_id!r}")
+    if m.stage_index != stage_index:
+        kind = "replayed older" if m.stage_index < stage_index else "out-of-order"
+        raise ArtifactError(f"{kind} artifact: stage {m.stage_index} where stage {stage_index} was expected")
+    if m.parent_sha256 != parent_sha256:
+        raise ArtifactError(
+            f"artifact of stage {stage_index} names parent {m.parent_sha256} but the chain's previous artifact "
+            f"is {parent_sha256}"
+        )
+    if site is not None and m.site != site:
+        raise ArtifactError(f"artifact of stage {stage_index} comes from site {m.site!r}, expected {site!r}")
+
+
+def write_artifact_dir(files: Mapping[str, bytes], out_dir: Path) -> Path:
+    """Write an artifact's files atomically: a temporary sibling directory renamed into place.
+
+    Raises:
+        ArtifactError: when `out_dir` exists and is not an artifact directory (never overwrites other data).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+        raise ArtifactError(f"{out_dir} exists and is not an artifact directory; choose an empty or new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_artifact_files(path: Path) -> dict[str, bytes]:
+    """The raw files of an artifact directory (no verification; see `decode_artifact`).
+
+    Raises:
+        ArtifactError: when the path is not a readable artifact directory.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise ArtifactError(f"{path} is not an artifact directory ({MANIFEST} not found)")
+    files: dict[str, bytes] = {}
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if not child.is_file():
+            raise ArtifactError(f"{path}: unexpected entry {child.name} in an artifact directory")
+        files[child.name] = child.read_bytes()
+    return files
+
+
+def read_artifact_dir(path: Path, *, public_key: PublicKey | None = None, require_signature: bool = False) -> Artifact:
+    """Read and verify an artifact directory (see `decode_artifact`)."""
+    return decode_artifact(
+        read_artifact_files(path), public_key=public_key, require_signature=require_signature, source=str(path)
+    )
+
+
+def manifest_summary(artifact: Artifact) -> dict[str, Any]:
+    """A JSON-friendly summary for logs and reports (no tensors, no patient data)."""
+    m = artifact.manifest
+    return {
+        "sha256": artifact.sha256,
+        "run_id": m.run_id,
+        "stage_index": m.stage_index,
+        "site": m.site,
+        "modalities": m.modalities,
+        "synthetic": m.synthetic,
+        "bytes": sum(e.bytes for e in m.files.values()),
+        "signed": artifact.signed,
+    }

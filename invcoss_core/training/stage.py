@@ -1,0 +1,414 @@
+"""The one stage-training loop: MAE on the current modality, replay of earlier ones, checkpoints, hand-off."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from invcoss_core.artifact import Artifact, decode_artifact, encode_artifact, write_artifact_dir
+from invcoss_core.config import StageConfig
+from invcoss_core.events import EventSink, ProgressEvent, discard
+from invcoss_core.models import MultiModalMAE, build_model
+from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
+from invcoss_core.stats import FeatureStatsRecorder, merge_stats
+from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
+from invcoss_core.training.schedule import lr_at
+
+logger = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage cannot start or cannot go on; the message says what to change."""
+
+
+class NonFiniteLossError(StageError):
+    """The loss became NaN or inf; training stops instead of handing on a broken model."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one finished stage produced."""
+
+    files: dict[str, bytes]  # the hand-off artifact, file name -> bytes
+    artifact: Artifact
+    out_dir: Path | None
+    epoch_losses: list[float]  # mean MAE loss on the current modality per epoch
+    replay_losses: list[float]  # mean distillation loss per epoch (empty without replay)
+    train_seconds: float
+    replay_seconds: float  # inversion / k-means / Fisher after training
+    images_per_second: float  # real images per second of training
+    resumed_from_epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from named parts (run seed, stage, epoch): independent streams, reproducible."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def seeded_model(config: StageConfig, *parts: int | str) -> MultiModalMAE:
+    """Build the model with weights initialised from a seed, without touching the global RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "init", *parts))
+        return build_model(config.model)
+
+
+def prepare_models(
+    config: StageConfig, incoming: Artifact | None, device: torch.device
+) -> tuple[MultiModalMAE, MultiModalMAE | None]:
+    """Student (incoming encoder, fresh decoder) and frozen teacher (the incoming model) for a stage.
+
+    Raises:
+        StageError: when the incoming artifact was trained with another architecture.
+    """
+    stage = 1 if incoming is None else incoming.manifest.stage_index + 1
+    student = seeded_model(config, stage)
+    teacher = None
+    if incoming is not None:
+        if incoming.manifest.architecture != config.model:
+            raise StageError(
+                f"the incoming artifact was trained with profile {incoming.manifest.profile!r} and another "
+                f"architecture; run this stage with --profile {incoming.manifest.profile} and the same model settings"
+            )
+        student.load_state_dict(incoming.weights, strict=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "decoder", stage))
+            student.decoder.reset_parameters()  # MedCoSS: carry the encoder, re-initialise the decoder
+        teacher = seeded_model(config, stage)
+        teacher.load_state_dict(incoming.weights, strict=True)
+        teacher.requires_grad_(False).eval().to(device)
+    return student.to(device), teacher
+
+
+def _fingerprint(config: StageConfig, modality: str, incoming: Artifact | None, run_id: str, n: int) -> str:
+    blob = json.dumps(
+        {
+            "config": config.model_dump(mode="json"),
+            "modality": modality,
+            "incoming": incoming.sha256 if incoming else None,
+            "run_id": run_id,
+            "samples": n,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_finite(loss: torch.Tensor, what: str, epoch: int, step: int) -> float:
+    value = float(loss.detach())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NonFiniteLossError(
+            f"{what} became {value} at epoch {epoch}, step {step}; the stage stopped without handing anything on. "
+            "Lower train.lr, keep train.grad_clip on, or check the input data with `invcoss data check`."
+        )
+    return value
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def train_stage(
+    *,
+    config: StageConfig,
+    modality: str,
+    train_data: Dataset[torch.Tensor],
+    student: MultiModalMAE,
+    teacher: MultiModalMAE | None,
+    replay: ReplayStrategy,
+    device: torch.device,
+    checkpoint_dir: Path | None,
+    fingerprint: str,
+    stage_index: int,
+    events: EventSink = discard,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], int, float, int]:
+    """Optimise `student` for the configured epochs, resuming from a matching checkpoint.
+
+    Returns:
+        recorded feature statistics, per-epoch history, epoch resumed from, training seconds, images seen.
+    Raises:
+        NonFiniteLossError: on a NaN/inf loss.
+    """
+    tc = config.train
+    n = len(train_data)  # type: ignore[arg-type]
+    batch_size = min(tc.batch_size, n)
+    steps_per_epoch = tc.steps_per_epoch or max(1, n // batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+    warmup = int(tc.warmup_fraction * total_steps)
+    decay, no_decay = [], []
+    for name, param in student.named_parameters():
+        (
+            no_decay
+            if param.ndim <= 1
+            or name.endswith(("cls_token", "position_embeddings", "mask_token"))
+            or ".pos_embed." in name
+            else decay
+        ).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=tc.betas,
+    )
+    history: dict[str, list[float]] = {"loss": [], "replay": []}
+    start_epoch = 0
+    if checkpoint_dir is not None:
+        ckpt = load_checkpoint(checkpoint_dir, fingerprint)
+        if ckpt is not None:
+            student.load_state_dict(ckpt.model, strict=True)
+            optimizer.load_state_dict(ckpt.optimizer)
+            history = ckpt.history
+            start_epoch = ckpt.epoch
+            logger.info("resuming %s stage from its checkpoint after epoch %d", modality, start_epoch)
+    recorder = FeatureStatsRecorder(student, modality)
+    seen = 0
+    started = time.perf_counter()
+    for epoch in range(start_epoch, tc.epochs):
+        student.train()
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, stage_index, modality, epoch))
+        sampler = RandomSampler(
+            train_data, replacement=False, num_samples=steps_per_epoch * batch_size, generator=generator
+        )
+        loader = DataLoader(
+            train_data,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=tc.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        last_epoch = epoch == tc.epochs - 1
+        loss_sum = replay_sum = 0.0
+        replay_steps = 0
+        epoch_start = time.perf_counter()
+        for step_in_epoch, batch in enumerate(loader):
+            step = epoch * steps_per_epoch + step_in_epoch
+            lr = lr_at(step, total_steps, warmup, tc.lr, tc.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = batch.to(device, non_blocking=True)
+            noise = student.masking_noise(x.shape[0], modality, generator, device)
+            record = last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
+            with _autocast(device, tc.amp):
+                if record:
+                    with recorder.recording():
+                        loss = student(x, modality, noise=noise).loss
+                else:
+                    loss = student(x, modality, noise=noise).loss
+                total = loss
+                rbatch = replay.sample_batch(step, generator)
+                if rbatch is not None and teacher is not None:
+                    images = intra_modal_mixup(rbatch.images, generator) if tc.mixup else rbatch.images
+                    rnoise = student.masking_noise(images.shape[0], rbatch.modality, generator, device)
+                    distill = feature_distillation(student, teacher, images, rbatch.modality, rnoise)
+                    total = total + tc.distill_weight * distill
+                    if tc.replay_mae_weight > 0:
+                        total = total + tc.replay_mae_weight * student(images, rbatch.modality, noise=rnoise).loss
+                    replay_sum += _check_finite(distill, "the replay distillation loss", epoch + 1, step_in_epoch)
+                    replay_steps += 1
+                penalty = replay.penalty(student)
+                if penalty is not None:
+                    total = total + penalty
+            loss_sum += _check_finite(loss, "the MAE loss", epoch + 1, step_in_epoch)
+            _check_finite(total, "the total loss", epoch + 1, step_in_epoch)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
+            optimizer.step()
+            seen += x.shape[0]
+            events(
+                ProgressEvent(
+                    "train",
+                    modality,
+                    step + 1,
+                    total_steps,
+                    epoch + 1,
+                    {"loss": loss_sum / (step_in_epoch + 1), "lr": lr},
+                )
+            )
+        history["loss"].append(loss_sum / steps_per_epoch)
+        if replay_steps:
+            history["replay"].append(replay_sum / replay_steps)
+        epoch_seconds = time.perf_counter() - epoch_start
+        if checkpoint_dir is not None:
+            save_checkpoint(
+                checkpoint_dir,
+                Checkpoint(epoch + 1, fingerprint, student.state_dict(), optimizer.state_dict(), history),
+            )
+        logger.info("%s epoch %d/%d: loss %.4f", modality, epoch + 1, tc.epochs, history["loss"][-1])
+        events(
+            ProgressEvent(
+                "train",
+                modality,
+                (epoch + 1) * steps_per_epoch,
+                total_steps,
+                epoch + 1,
+                {
+                    "epoch_loss": history["loss"][-1],
+                    "images_per_second": steps_per_epoch * batch_size / max(epoch_seconds, 1e-9),
+                },
+            )
+        )
+    if recorder.count == 0:
+        # Resumed after the last epoch finished: record the statistics in one extra pass without updates.
+        record_statistics(student, recorder, train_data, batch_size, modality, device, config.seed)
+    return recorder.result(), history, start_epoch, time.perf_counter() - started, seen
+
+
+@torch.no_grad()
+def record_statistics(
+    model: MultiModalMAE,
+    recorder: FeatureStatsRecorder,
+    data: Dataset[torch.Tensor],
+    batch_size: int,
+    modality: str,
+    device: torch.device,
+    seed: int,
+) -> None:
+    """Feed `data` once through the masked encoder to fill `recorder` (no parameter updates)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "stats", modality))
+    model.eval()
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x = batch.to(device)
+        with recorder.recording():
+            model.forward_encoder(x, modality, noise=model.masking_noise(x.shape[0], modality, generator, device))
+
+
+def run_stage(
+    *,
+    config: StageConfig,
+    modality: str,
+    train_data: Dataset[torch.Tensor],
+    incoming: Artifact | None = None,
+    run_id: str = "local",
+    site: str = "local",
+    out_dir: Path | None = None,
+    work_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    signer: Callable[[bytes], bytes] | None = None,
+    events: EventSink = discard,
+    replay: ReplayStrategy | None = None,
+) -> StageResult:
+    """Train one continual stage and produce its hand-off artifact.
+
+    Args:
+        config: profile + overrides; `config.replay.strategy` picks the replay unless `replay` is given.
+        modality: this stage's modality; `train_data` yields (C, *img_size) float32 samples of it in [0, 1].
+        incoming: the previous stage's verified artifact (None for the first stage).
+        out_dir: where the artifact directory is written (atomically); None keeps it in memory only.
+        work_dir: site-local folder for epoch checkpoints; a rerun with the same inputs resumes from it.
+        signer: signs manifest.json (the site's key).
+        events: progress sink (CLI progress bar, site metrics).
+    Returns:
+        StageResult with the artifact's files and training figures.
+    Raises:
+        StageError: for an unknown modality, an empty dataset, an architecture mismatch or a non-finite loss.
+    """
+    device = torch.device(device)
+    config.model.spec(modality)
+    n = len(train_data)  # type: ignore[arg-type]
+    if n == 0:
+        raise StageError(f"no training samples for modality {modality!r}; check the site data folder")
+    stage_index = 1 if incoming is None else incoming.manifest.stage_index + 1
+    student, teacher = prepare_models(config, incoming, device)
+    strategy = replay or build_replay(config)
+    ctx = ReplayContext(
+        config=config,
+        modality=modality,
+        student=student,
+        teacher=teacher,
+        incoming=incoming,
+        device=device,
+        events=events,
+    )
+    strategy.begin_stage(ctx)
+    fingerprint = _fingerprint(config, modality, incoming, run_id, n)
+    checkpoint_dir = Path(work_dir) / "checkpoint" if work_dir is not None else None
+    stats, history, resumed, train_seconds, seen = train_stage(
+        config=config,
+        modality=modality,
+        train_data=train_data,
+        student=student,
+        teacher=teacher,
+        replay=strategy,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint=fingerprint,
+        stage_index=stage_index,
+        events=events,
+    )
+    student.eval()
+    outcome = strategy.end_stage(ctx, train_data, stats)
+    modalities = [*(incoming.manifest.modalities if incoming else []), modality]
+    metrics = {
+        "final_loss": history["loss"][-1],
+        "train_seconds": train_seconds,
+        "replay_seconds": outcome.seconds,
+        "images_per_second": seen / train_seconds if train_seconds > 0 else 0.0,
+        "epochs": float(config.train.epochs),
+        **outcome.metrics,
+    }
+    files = encode_artifact(
+        run_id=run_id,
+        stage_index=stage_index,
+        site=site,
+        modalities=modalities,
+        profile=config.profile,
+        replay=strategy.name,
+        parent_sha256=incoming.sha256 if incoming else None,
+        architecture=config.model,
+        weights={k: v.detach().cpu() for k, v in student.state_dict().items()},
+        stats=merge_stats(incoming.stats if incoming else {}, stats),
+        synthetic=outcome.synthetic,
+        extras=outcome.extras,
+        privacy_gate=outcome.gate,
+        metrics=metrics,
+        signer=signer,
+    )
+    artifact = decode_artifact(files, source=f"stage {stage_index} output")
+    if out_dir is not None:
+        write_artifact_dir(files, Path(out_dir))
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return StageResult(
+        files=files,
+        artifact=artifact,
+        out_dir=Path(out_dir) if out_dir is not None else None,
+        epoch_losses=history["loss"],
+        replay_losses=history["replay"],
+        train_seconds=train_seconds,
+        replay_seconds=outcome.seconds,
+        images_per_second=metrics["images_per_second"],
+        resumed_from_epoch=resumed,
+        metrics=metrics,
+    )
+
+
+def load_student(artifact: Artifact, device: torch.device | str = "cpu") -> MultiModalMAE:
+    """Rebuild the model an artifact describes, with its weights, in eval mode."""
+    model = build_model(artifact.manifest.architecture)
+    model.load_state_dict(artifact.weights, strict=True)
+    return model.to(device).eval()
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "StageError",
+    "StageResult",
+    "derive_seed",
+    "load_student",
+    "prepare_models",
+    "run_stage",
+    "train_stage",
+]
