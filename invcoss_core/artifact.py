@@ -76,7 +76,7 @@ class GateSummary(_Frozen):
 class Manifest(_Frozen):
     """manifest.json: describes and hashes every file of the artifact."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     run_id: str = Field(min_length=1, max_length=128)
     stage_index: int = Field(ge=1)  # 1 for the first stage of a run
     site: str = Field(min_length=1, max_length=64)

@@ -153,26 +153,39 @@ class InversionConfig(_Frozen):
     image_fraction: float = Field(0.05, gt=0, le=1)
     min_images: int = Field(8, gt=0)
     batch_size: int = Field(16, gt=0)
-    iterations: int = Field(60, gt=0)  # optimisation steps per batch
+    iterations: int = Field(60, gt=0)  # optimisation steps of the first batch (of every batch for pixel_inversion)
+    iterations_per_batch: int = Field(20, gt=0)  # steps of each later batch: the warm generator amortises
     lr_generator: float = Field(2e-4, gt=0)
     lr_latent: float = Field(0.05, gt=0)
-    lr_pixels: float = Field(0.05, gt=0)  # pixel_inversion only
-    latent_dim: int = Field(32, gt=0)
+    lr_pixels: float = Field(0.05, gt=0)  # pixel_inversion only (Adam on the pixels' logits)
+    latent_dim: int = Field(32, gt=0)  # z, injected at the InvUNet bottleneck
     base_channels: int = Field(16, gt=0)  # InvUNet width at full resolution
+    levels: int = Field(2, ge=1, le=5)  # InvUNet down-sampling steps; every img_size axis must divide by 2**levels
+    noise_channels: int = Field(4, gt=0)  # channels of the fixed per-image noise the main branch encodes
+    jitter: bool = True  # random circular shift (< one patch) before the frozen model, against patch-grid artefacts
     alpha_task: float = Field(1.0, ge=0)
-    alpha_norm: float = Field(1.0, ge=0)
-    alpha_img: float = Field(0.1, ge=0)
-    alpha_rep: float = Field(0.1, ge=0)
-    pool_size: int = Field(256, gt=0)  # features kept for the repulsion pool
+    alpha_norm: float = Field(1.0, ge=0)  # L_norm is standardised per channel and averaged over layers
+    alpha_img: float = Field(0.1, ge=0)  # total variation
+    alpha_rep: float = Field(0.1, ge=0)  # repulsion from the features of images already generated
+    pool_size: int = Field(256, gt=0)  # features kept for the repulsion pool (the most recent ones)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> InversionConfig:
+        if self.alpha_task == 0 and self.alpha_norm == 0:
+            raise ValueError("alpha_task and alpha_norm are both 0: set at least one so the inversion sees the model")
+        return self
 
 
 class GateConfig(_Frozen):
     """Privacy gate: synthetic images too close to a real training image never leave the site."""
 
-    pixel_threshold: float = Field(0.95, gt=0, le=1)  # max normalised correlation to any real image
+    # Defaults measured in invcoss_core/inversion/gate.py's docstring: real + N(0, 0.05) noise scores >= 0.97
+    # pixel correlation on typical crops; distinct real crops reach 0.9 and synthetic images stay below 0.8.
+    pixel_threshold: float = Field(0.95, gt=0, le=1)  # max normalised (Pearson) correlation to any real image
     feature_threshold: float = Field(0.995, gt=0, le=1)  # max encoder-feature cosine to any real image
     action: Literal["regenerate", "drop"] = "regenerate"
-    max_regenerate_rounds: int = Field(2, ge=0)
+    max_regenerate_rounds: int = Field(2, ge=0)  # then the images still blocked are dropped
+    chunk_size: int = Field(256, gt=0)  # real images compared at a time (bounds the gate's memory)
 
 
 class DataConfig(_Frozen):
@@ -189,12 +202,12 @@ class StageConfig(_Frozen):
 
     profile: ProfileName = "tiny"
     seed: int = 0
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    replay: ReplayConfig = Field(default_factory=ReplayConfig)
-    inversion: InversionConfig = Field(default_factory=InversionConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig())
+    inversion: InversionConfig = Field(default_factory=lambda: InversionConfig())
+    gate: GateConfig = Field(default_factory=lambda: GateConfig())
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
 
 
 def _tiny_modalities() -> dict[str, ModalitySpec]:

@@ -126,8 +126,10 @@ class MultiModalMAE(nn.Module):
         for module in self.modules():
             _init_module(module)
         for tokenizer in self.encoder.tokenizers.values():
+            assert isinstance(tokenizer, PatchEmbeddingBlock)
             # MAE initialises the patch projection like a Linear layer over the flattened patch.
             weight = tokenizer.patch_embeddings.weight
+            assert isinstance(weight, torch.Tensor)
             nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
             nn.init.trunc_normal_(tokenizer.position_embeddings, std=0.02)
         nn.init.normal_(self.encoder.cls_token, std=0.02)

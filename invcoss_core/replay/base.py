@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -35,10 +35,15 @@ class ReplayContext:
 
 @dataclass(frozen=True)
 class ReplayBatch:
-    """One single-modality batch of replay images, (B, C, *img_size) float32 on the stage's device."""
+    """One single-modality batch of replay images, (B, C, *img_size) float32 on the stage's device.
+
+    objective: "distill" (mixup + feature distillation to the frozen previous model: the continual path) or
+    "mae" (masked reconstruction, as on current data: the joint-training reference).
+    """
 
     modality: str
     images: torch.Tensor
+    objective: Literal["distill", "mae"] = "distill"
 
 
 @dataclass

@@ -146,7 +146,8 @@ def train_stage(
     steps_per_epoch = tc.steps_per_epoch or max(1, n // batch_size)
     total_steps = steps_per_epoch * tc.epochs
     warmup = int(tc.warmup_fraction * total_steps)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in student.named_parameters():
         (
             no_decay
@@ -177,7 +178,10 @@ def train_stage(
         student.train()
         generator = torch.Generator().manual_seed(derive_seed(config.seed, stage_index, modality, epoch))
         sampler = RandomSampler(
-            train_data, replacement=False, num_samples=steps_per_epoch * batch_size, generator=generator
+            train_data,  # type: ignore[arg-type]  # map-style datasets define __len__
+            replacement=False,
+            num_samples=steps_per_epoch * batch_size,
+            generator=generator,
         )
         loader = DataLoader(
             train_data,
@@ -207,7 +211,13 @@ def train_stage(
                     loss = student(x, modality, noise=noise).loss
                 total = loss
                 rbatch = replay.sample_batch(step, generator)
-                if rbatch is not None and teacher is not None:
+                if rbatch is not None and rbatch.objective == "mae":
+                    rnoise = student.masking_noise(rbatch.images.shape[0], rbatch.modality, generator, device)
+                    replay_loss = student(rbatch.images, rbatch.modality, noise=rnoise).loss
+                    total = total + replay_loss
+                    replay_sum += _check_finite(replay_loss, "the replay MAE loss", epoch + 1, step_in_epoch)
+                    replay_steps += 1
+                elif rbatch is not None and teacher is not None:
                     images = intra_modal_mixup(rbatch.images, generator) if tc.mixup else rbatch.images
                     rnoise = student.masking_noise(images.shape[0], rbatch.modality, generator, device)
                     distill = feature_distillation(student, teacher, images, rbatch.modality, rnoise)

@@ -1,0 +1,113 @@
+"""The stage loop: deterministic resume, schedule, non-finite losses, architecture checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from invcoss_core.events import ProgressEvent
+from invcoss_core.training import NonFiniteLossError, StageError, run_stage
+from invcoss_core.training.checkpoint import CheckpointError
+from invcoss_core.training.schedule import lr_at
+from tests.helpers import TensorImages, make_config
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_schedule_warms_up_then_decays_to_min() -> None:
+    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
+    assert lr_at(200, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+
+
+def test_interrupted_stage_resumes_to_identical_weights(tmp_path: Path, ct_data: TensorImages) -> None:
+    cfg = make_config(train={"epochs": 3, "batch_size": 8})
+    reference = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r")
+
+    def stop_after_first_epoch(event: ProgressEvent) -> None:
+        if event.epoch == 1 and "epoch_loss" in event.metrics:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_stage(
+            config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop_after_first_epoch
+        )
+    assert (tmp_path / "checkpoint" / "meta.json").exists()
+    resumed = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path)
+    assert resumed.resumed_from_epoch == 1
+    # Tolerance: exact equality on CPU (same seeds, same data order, same optimizer state).
+    for key, value in reference.artifact.weights.items():
+        assert torch.equal(resumed.artifact.weights[key], value), key
+    assert resumed.epoch_losses == reference.epoch_losses
+    assert not (tmp_path / "checkpoint").exists()  # cleaned up once the artifact exists
+
+
+def test_checkpoint_of_another_stage_is_ignored(tmp_path: Path, ct_data: TensorImages) -> None:
+    cfg = make_config(train={"epochs": 2})
+
+    def stop(event: ProgressEvent) -> None:
+        if "epoch_loss" in event.metrics:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop)
+    other = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="other-run", work_dir=tmp_path)
+    assert other.resumed_from_epoch == 0
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path: Path, ct_data: TensorImages) -> None:
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="delete"):
+        run_stage(config=make_config(train={"epochs": 1}), modality="ct", train_data=ct_data, work_dir=tmp_path)
+
+
+def test_nan_input_stops_with_clear_error(ct_data: TensorImages) -> None:
+    bad = TensorImages(ct_data.images.clone())
+    bad.images[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="MAE loss became nan"):
+        run_stage(config=make_config(train={"epochs": 1}), modality="ct", train_data=bad)
+
+
+def test_diverging_learning_rate_stops_instead_of_handing_on(ct_data: TensorImages) -> None:
+    cfg = make_config(train={"epochs": 3, "lr": 1e6, "min_lr": 1e6, "grad_clip": None, "warmup_fraction": 0.0})
+    with pytest.raises(NonFiniteLossError):
+        run_stage(config=cfg, modality="ct", train_data=ct_data)
+
+
+def test_architecture_mismatch_names_the_profile(ct_data: TensorImages) -> None:
+    first = run_stage(config=make_config(train={"epochs": 1}), modality="ct", train_data=ct_data)
+    other = make_config(model={"hidden_size": 64, "num_heads": 2}, train={"epochs": 1})
+    with pytest.raises(StageError, match="--profile tiny"):
+        run_stage(config=other, modality="mri", train_data=ct_data, incoming=first.artifact)
+
+
+def test_empty_dataset_is_refused() -> None:
+    with pytest.raises(StageError, match="no training samples"):
+        run_stage(config=make_config(), modality="ct", train_data=TensorImages(torch.zeros(0, 1, 16, 16, 16)))
+
+
+def test_decoder_is_reinitialised_and_encoder_carried(ct_data: TensorImages, mri_data: TensorImages) -> None:
+    cfg = make_config(train={"epochs": 1})
+    first = run_stage(config=cfg, modality="ct", train_data=ct_data)
+    from invcoss_core.training import prepare_models
+
+    student, teacher = prepare_models(cfg, first.artifact, torch.device("cpu"))
+    assert teacher is not None and not any(p.requires_grad for p in teacher.parameters())
+    w = first.artifact.weights
+    assert torch.equal(student.encoder.blocks[0].attn.qkv.weight, w["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(student.decoder.embed.weight, w["decoder.embed.weight"])
+
+
+def test_training_lowers_the_loss_and_reports_progress(ct_data: TensorImages) -> None:
+    events: list[ProgressEvent] = []
+    result = run_stage(config=make_config(train={"epochs": 4}), modality="ct", train_data=ct_data, events=events.append)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    steps = [e.step for e in events if e.phase == "train"]
+    assert steps[-1] == events[-1].total and result.images_per_second > 0
