@@ -216,7 +216,7 @@ def embed(
     Each file is read, preprocessed as in training (intensity window/normalisation, centre crop or resize to
     the modality's input size) and encoded without masking; the feature is the mean of the patch tokens.
     """
-    from invcoss_core.data import ImageReadError, load_image_for_embedding
+    from invcoss_core.data import ImageReadError, discover_images, load_image_for_embedding
 
     setup_logging("warning")
     try:
@@ -229,18 +229,23 @@ def embed(
         raise fail(str(err)) from None
     if not images.is_dir():
         raise fail(f"--images {images} is not a folder")
-    files = sorted(p for p in images.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # A DICOM series folder is one volume for 3-D modalities: discovery groups its slice files.
+    found = discover_images(images, group_dicom_series=spec.spatial_dims == 3)
+    if found.rejected and not skip_bad:
+        name, reason = found.rejected[0]
+        raise fail(f"{name}: {reason} (use --skip-bad to skip unreadable files)")
+    skipped: list[tuple[str, str]] = list(found.rejected)
     names: list[str] = []
     tensors: list[torch.Tensor] = []
-    skipped: list[tuple[str, str]] = []
-    for path in files:
+    for source in found.sources:
+        target = source.paths[0] if len(source.paths) == 1 else source.paths[0].parent
         try:
-            tensors.append(load_image_for_embedding(path, modality, spec))
-            names.append(str(path.relative_to(images)))
-        except (ImageReadError, ValueError) as err:
+            tensors.append(load_image_for_embedding(target, modality, spec))
+            names.append(source.name)
+        except ImageReadError as err:
             if not skip_bad:
-                raise fail(f"{path.name}: {err} (use --skip-bad to skip unreadable files)") from None
-            skipped.append((path.name, str(err)))
+                raise fail(f"{source.name}: {err} (use --skip-bad to skip unreadable files)") from None
+            skipped.append((source.name, str(err)))
     if not tensors:
         raise fail(f"no readable {modality} image in {images}")
     features = []
@@ -300,6 +305,18 @@ def export(
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
     out.with_suffix(".json").write_text(json.dumps(vit_args, indent=2))
     console.print(f"wrote {len(state)} tensors to {out} and the ViT arguments to {out.with_suffix('.json')}")
+
+
+def _mount_subcommands() -> None:
+    from invcoss_core.data.cli import data_app, samples_app
+    from invcoss_core.evaluation.cli import bench
+
+    app.add_typer(samples_app, name="samples")
+    app.add_typer(data_app, name="data")
+    app.command("bench")(bench)
+
+
+_mount_subcommands()
 
 
 def main() -> None:

