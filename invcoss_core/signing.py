@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -68,7 +68,7 @@ def load_private_key(path: Path) -> PrivateKey:
             key = serialization.load_ssh_private_key(data, password=None)
         else:
             key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise SigningKeyError(f"{path} is not an unencrypted OpenSSH or PEM private key: {err}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise SigningKeyError(f"{path} holds a {type(key).__name__}; site keys must be EC P-384 or Ed25519")
@@ -100,7 +100,7 @@ def parse_public_key(data: bytes, source: str = "<bytes>") -> PublicKey:
             key = serialization.load_pem_public_key(data)
         else:
             key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError, IndexError) as err:
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as err:
         raise SigningKeyError(f"{source} is not an OpenSSH or PEM public key: {err}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
         raise SigningKeyError(f"{source} holds a {type(key).__name__}; site keys must be EC P-384 or Ed25519")

@@ -196,3 +196,17 @@ def test_not_safetensors_payload_is_refused_cleanly() -> None:
     tampered = {**files, WEIGHTS: garbage, MANIFEST: json.dumps(manifest).encode()}
     with pytest.raises(ArtifactError, match="not a valid safetensors"):
         decode_artifact(tampered)
+
+
+def test_garbage_key_files_give_a_clean_error(tmp_path: Path) -> None:
+    from invcoss_core.signing import SigningKeyError, load_private_key, load_public_key
+
+    bad = tmp_path / "bad.pub"
+    bad.write_bytes(b"ssh-foo AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x\n")
+    with pytest.raises(SigningKeyError, match="bad.pub"):
+        load_public_key(bad)
+    bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(SigningKeyError, match="bad.pub"):
+        load_private_key(bad)
+    with pytest.raises(SigningKeyError, match="cannot read"):
+        load_public_key(tmp_path / "missing.pub")

@@ -1,0 +1,218 @@
+"""Coordinator configuration (`federation.toml`): the stage plan, SuperLink, retries, metrics — validated once.
+
+Layout (paths are relative to the TOML file's folder)::
+
+    run_name = "invcoss"          # prefix of the run id
+    state_dir = "state"           # durable run state, checkpoints, SuperLink database, logs
+    profile = "tiny"              # model/training preset shared by every stage
+    [defaults]                    # StageConfig overrides for every stage, e.g. replay = { strategy = "inversion" }
+    [superlink]                   # host, port, address, certs_dir, node_auth, restart_limit
+    [retry]                       # max_attempts, backoff_s, backoff_factor, stage_timeout_s, message_ttl_s, ...
+    [metrics]                     # enabled, host, port
+    [[stages]]                    # in order: site, optional modality, optional per-stage overrides
+    site = "A"
+    modality = "ct"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from invcoss_core.config import MODALITIES, ConfigError, ProfileName, StageConfig, build_config, read_toml
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_site_name(name: str) -> str:
+    """Validate a site name (letters, digits, `-`, `_`; at most 64 characters).
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if not SITE_NAME.match(name):
+        raise ValueError(f"site name {name!r} must be 1-64 letters, digits, '-' or '_' and start with a letter/digit")
+    return name
+
+
+class SuperLinkSettings(_Frozen):
+    """How the coordinator runs its Flower SuperLink (always TLS; node authentication on by default)."""
+
+    host: str = "127.0.0.1"  # bind address of the SuperLink's HTTPS port (0.0.0.0 in a container)
+    port: int = Field(9093, ge=1, le=65535)  # the one port that serves Fleet, Control and Runtime APIs
+    address: str | None = None  # how the coordinator's own tools dial it; default 127.0.0.1:<port>
+    certs_dir: Path = Path("certs")  # ca.crt, server.pem, server.key (`invcoss-server certs`)
+    node_auth: bool = True  # only enrolled site keys may connect
+    restart_limit: int = Field(3, ge=0)  # restarts of a crashed SuperLink before the coordinator gives up
+    startup_timeout_s: float = Field(60.0, gt=0)
+
+    @property
+    def dial_address(self) -> str:
+        """HOST:PORT the coordinator's tools (and the ServerApp) use."""
+        return self.address or f"127.0.0.1:{self.port}"
+
+
+class RetrySettings(_Frozen):
+    """Stage retries: a failed or timed-out stage is sent again with exponential backoff."""
+
+    max_attempts: int = Field(3, ge=1)  # attempts per stage, the first included
+    backoff_s: float = Field(5.0, ge=0)  # wait before the second attempt
+    backoff_factor: float = Field(2.0, ge=1)
+    max_backoff_s: float = Field(300.0, ge=0)
+    stage_timeout_s: float = Field(3600.0, gt=0)  # longest wait for one attempt's reply
+    message_ttl_s: float | None = Field(None, gt=0)  # Flower message ttl; default stage_timeout_s + 600
+    node_wait_s: float = Field(600.0, gt=0)  # how long a stage waits for its site to come online
+    poll_interval_s: float = Field(1.0, gt=0)
+    serverapp_restarts: int = Field(3, ge=0)  # resubmissions of a ServerApp that died mid-plan
+
+    @model_validator(mode="after")
+    def _ttl_covers_timeout(self) -> RetrySettings:
+        if self.message_ttl_s is not None and self.message_ttl_s < self.stage_timeout_s:
+            raise ValueError(
+                f"message_ttl_s {self.message_ttl_s} must be at least stage_timeout_s {self.stage_timeout_s}: "
+                "a message must outlive the longest stage"
+            )
+        return self
+
+    @property
+    def ttl_s(self) -> float:
+        """The message ttl in seconds."""
+        return self.message_ttl_s or self.stage_timeout_s + 600.0
+
+    def backoff(self, failed_attempts: int) -> float:
+        """Seconds to wait after `failed_attempts` failures (1 → backoff_s)."""
+        return min(self.max_backoff_s, self.backoff_s * self.backoff_factor ** max(0, failed_attempts - 1))
+
+
+class MetricsSettings(_Frozen):
+    """Prometheus `/metrics` of the long-lived process."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535)  # 0: pick a free port (tests)
+
+
+class StagePlan(_Frozen):
+    """One stage of the plan: which site trains, on which modality, with which extra settings."""
+
+    site: str
+    modality: str | None = None  # when set, the site must train this modality
+    overrides: dict[str, Any] = Field(default_factory=dict)  # StageConfig overrides for this stage only
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str) -> str:
+        return check_site_name(value)
+
+    @field_validator("modality")
+    @classmethod
+    def _modality(cls, value: str | None) -> str | None:
+        if value is not None and value not in MODALITIES:
+            raise ValueError(f"modality {value!r} is not one of {', '.join(MODALITIES)}")
+        return value
+
+
+class FederationConfig(_Frozen):
+    """Everything `invcoss-server` needs; see the module docstring for the TOML layout."""
+
+    run_name: str = Field("invcoss", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    state_dir: Path = Path("state")
+    profile: ProfileName = "tiny"
+    defaults: dict[str, Any] = Field(default_factory=dict)  # StageConfig overrides for every stage
+    superlink: SuperLinkSettings = Field(default_factory=lambda: SuperLinkSettings())
+    retry: RetrySettings = Field(default_factory=lambda: RetrySettings())
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
+    stages: list[StagePlan] = Field(min_length=1)
+
+    def stage_overrides(self, index: int) -> dict[str, Any]:
+        """The StageConfig overrides sent to the site of stage `index` (1-based): defaults, then the stage's."""
+        return _deep_merge(self.defaults, self.stages[index - 1].overrides)
+
+    def stage_config(self, index: int) -> StageConfig:
+        """The validated StageConfig of stage `index` as the coordinator plans it (sites may add local settings).
+
+        Raises:
+            ConfigError: when the merged settings are invalid.
+        """
+        return build_config(self.profile, self.stage_overrides(index), source=f"stage {index} of the plan")
+
+    def plan_sha256(self) -> str:
+        """Digest of what defines the run's content (profile, defaults and stages): a changed plan is a new run."""
+        blob = json.dumps(
+            {
+                "profile": self.profile,
+                "defaults": self.defaults,
+                "stages": [s.model_dump(mode="json") for s in self.stages],
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the key, under a header naming the file."""
+    lines = [f"invalid configuration in {source}:"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}': check its spelling against the documented keys")
+        else:
+            lines.append(f"  - '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def parse_federation_config(data: dict[str, Any], source: str, base_dir: Path) -> FederationConfig:
+    """Validate a federation mapping; relative paths are resolved against `base_dir`.
+
+    Raises:
+        ConfigError: naming `source` and the offending key (including per-stage StageConfig keys).
+    """
+    try:
+        cfg = FederationConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    for index, stage in enumerate(cfg.stages, start=1):
+        try:
+            stage_cfg = cfg.stage_config(index)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: [[stages]] #{index} (site {stage.site}) — {err}") from None
+        if stage_cfg.replay.strategy == "real_buffer":
+            raise ConfigError(
+                f"{source}: 'replay.strategy' = 'real_buffer' ships real images; sites refuse it. "
+                "Use inversion (the product), ewc or none."
+            )
+    superlink = cfg.superlink.model_copy(update={"certs_dir": _resolve(base_dir, cfg.superlink.certs_dir)})
+    return cfg.model_copy(update={"state_dir": _resolve(base_dir, cfg.state_dir), "superlink": superlink})
+
+
+def load_federation_config(path: Path) -> FederationConfig:
+    """Read and validate `federation.toml`.
+
+    Raises:
+        ConfigError: naming the file and the key that is wrong.
+    """
+    path = Path(path)
+    return parse_federation_config(read_toml(path), str(path), path.resolve().parent)

@@ -1,0 +1,307 @@
+"""A whole federation on one machine over 127.0.0.1: certificates, keys, enrollment, coordinator, sites.
+
+Used by `invcoss demo` and by the integration tests. Every process is started through the real command lines
+(`invcoss-server`, `invcoss-client`) in its own process group, with its output in `ROOT/logs/`, and `close()`
+stops every group it started (SIGTERM, then SIGKILL). Nothing here imports `site_client`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from invcoss_core.signing import generate_private_key, private_key_openssh, public_key_openssh
+from server.config import load_federation_config
+from server.handoff import enroll_key
+from server.pki import DEFAULT_SANS, create_certificates
+from server.state import StateLayout
+
+
+class FederationTimeoutError(TimeoutError):
+    """A local federation did not reach the expected state in time."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _script(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass(frozen=True)
+class LocalSite:
+    """One simulated hospital site."""
+
+    name: str
+    modality: str
+    data_dir: Path
+    stage_overrides: Mapping[str, Any] = field(default_factory=dict)  # site.toml [stage]
+
+
+@dataclass
+class LocalFederation:
+    """Coordinator and sites as subprocesses on loopback; see the module docstring."""
+
+    root: Path
+    sites: list[LocalSite]
+    profile: str = "tiny"
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # StageConfig overrides for every stage
+    retry: Mapping[str, Any] = field(default_factory=dict)  # federation.toml [retry]
+    activation_wait_s: float = 120.0
+    metrics: bool = True
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    # -- layout -----------------------------------------------------------------------------------------------
+    @property
+    def federation_toml(self) -> Path:
+        return self.root / "coordinator" / "federation.toml"
+
+    @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.root / "coordinator" / "state")
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.root / "coordinator" / "certs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def site_dir(self, name: str) -> Path:
+        return self.root / "sites" / name
+
+    def site_toml(self, name: str) -> Path:
+        return self.site_dir(name) / "site.toml"
+
+    def site_work(self, name: str) -> Path:
+        return self.site_dir(name) / "work"
+
+    def site_key(self, name: str) -> Path:
+        return self.site_dir(name) / "keys" / f"{name}.key"
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Ports, federation.toml, certificates, site keys, site.toml files and enrollment."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.ports["superlink"] = free_port()
+        self.ports["coordinator_metrics"] = free_port()
+        federation = {
+            "run_name": "demo",
+            "state_dir": "state",
+            "profile": self.profile,
+            "defaults": dict(self.defaults),
+            "superlink": {"host": "127.0.0.1", "port": self.ports["superlink"], "certs_dir": "certs"},
+            "retry": {"backoff_s": 2.0, "node_wait_s": 180.0, "poll_interval_s": 1.0, **dict(self.retry)},
+            "metrics": {"enabled": self.metrics, "host": "127.0.0.1", "port": self.ports["coordinator_metrics"]},
+            "stages": [{"site": s.name, "modality": s.modality} for s in self.sites],
+        }
+        self.federation_toml.parent.mkdir(parents=True, exist_ok=True)
+        self.federation_toml.write_text(tomli_w.dumps(federation))
+        config = load_federation_config(self.federation_toml)
+        # In-process equivalents of `invcoss-server certs`, `invcoss-client keygen` and `invcoss-server enroll`
+        # (the same library calls; starting three CLIs per site would cost seconds of imports each).
+        create_certificates(config.superlink.certs_dir, list(DEFAULT_SANS), overwrite=True)
+        for site in self.sites:
+            key = generate_private_key()
+            key_file = self.site_key(site.name)
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(private_key_openssh(key))
+            key_file.with_suffix(".pub").write_bytes(public_key_openssh(key) + b"\n")
+            enroll_key(self.layout, site.name, public_key_openssh(key), str(key_file.with_suffix(".pub")))
+            self.ports[f"{site.name}_clientappio"] = free_port()
+            self.ports[f"{site.name}_metrics"] = free_port()
+            site_toml = {
+                "site": site.name,
+                "modality": site.modality,
+                "data_dir": str(site.data_dir),
+                "work_dir": "work",
+                "private_key": f"keys/{site.name}.key",
+                "device": "cpu",
+                "superlink": {
+                    "address": f"127.0.0.1:{self.ports['superlink']}",
+                    "root_certificates": str(self.certs_dir / "ca.crt"),
+                },
+                "supernode": {
+                    "clientappio_port": self.ports[f"{site.name}_clientappio"],
+                    "activation_wait_s": self.activation_wait_s,
+                },
+                "metrics": {"enabled": self.metrics, "host": "127.0.0.1", "port": self.ports[f"{site.name}_metrics"]},
+                "stage": dict(site.stage_overrides),
+            }
+            self.site_toml(site.name).write_text(tomli_w.dumps(site_toml))
+
+    # -- processes --------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env(), cwd=self.root
+            )
+        self.processes[name] = process
+        return process
+
+    def start_coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start `invcoss-server --config federation.toml` (own process group)."""
+        return self._spawn("coordinator", [_script("invcoss-server"), "--config", str(self.federation_toml), *extra])
+
+    def start_site(self, name: str) -> subprocess.Popen[bytes]:
+        """Start `invcoss-client --site NAME --config site.toml` (own process group)."""
+        return self._spawn(
+            f"site-{name}", [_script("invcoss-client"), "--site", name, "--config", str(self.site_toml(name))]
+        )
+
+    def start_all(self) -> None:
+        """Coordinator first, then every site."""
+        self.start_coordinator()
+        for site in self.sites:
+            self.start_site(site.name)
+
+    def signal_group(self, name: str, sig: int) -> None:
+        """Send `sig` to the process group of a started process."""
+        process = self.processes.get(name)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
+        """Signal a process group and wait for its leader; SIGKILL the group when it does not exit in time."""
+        process = self.processes.get(name)
+        if process is None:
+            return None
+        self.signal_group(name, sig)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal_group(name, signal.SIGKILL)
+            process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group
+        return process.returncode
+
+    def stop_many(self, names: list[str], sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
+        """Stop several process groups at once (signal all, then wait for each)."""
+        for name in names:
+            self.signal_group(name, sig)
+        for name in names:
+            with contextlib.suppress(Exception):
+                self.stop(name, sig, timeout_s)
+
+    def close(self) -> None:
+        """Stop every process this federation started: sites first, then the coordinator."""
+        self.stop_many([n for n in self.processes if n != "coordinator"])
+        if "coordinator" in self.processes:
+            with contextlib.suppress(Exception):
+                self.stop("coordinator")
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- observation ------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """run.json of the coordinator ({} before the first start)."""
+        try:
+            return dict(json.loads(self.layout.run_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def wait_until(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout_s: float,
+        what: str,
+        tick: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll run.json until `predicate(state)` holds.
+
+        Raises:
+            FederationTimeoutError: after `timeout_s`, or when the coordinator exited first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.state()
+            if state and predicate(state):
+                return state
+            if tick is not None:
+                tick(state)
+            coordinator = self.processes.get("coordinator")
+            if coordinator is not None and coordinator.poll() is not None and not (state and predicate(state)):
+                raise FederationTimeoutError(
+                    f"the coordinator exited (code {coordinator.returncode}) before {what}; see "
+                    f"{self.logs / 'coordinator.log'}"
+                )
+            time.sleep(0.5)
+        raise FederationTimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def stage_status(self, index: int) -> str:
+        """Status of stage `index` in run.json."""
+        stages = self.state().get("stages", [])
+        return str(stages[index - 1]["status"]) if len(stages) >= index else "pending"
+
+    def site_events(self, name: str) -> list[dict[str, Any]]:
+        """Every event a site's ClientApps wrote."""
+        path = self.site_work(name) / "events.jsonl"
+        if not path.is_file():
+            return []
+        events = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+    def audit(self, name: str) -> dict[str, Any]:
+        """`invcoss-client audit --json` of a site: its real-data digests against every site's outbound log.
+
+        Every site's audit log is included, so an image of site A forwarded by site B would be found too.
+        """
+        others = [
+            arg
+            for site in self.sites
+            if site.name != name
+            for arg in ("--also-audit-log", str(self.site_work(site.name) / "audit.jsonl"))
+        ]
+        cmd = [_script("invcoss-client"), "audit", "--site", name, "--config", str(self.site_toml(name)), "--json"]
+        done = subprocess.run([*cmd, *others], capture_output=True, timeout=900, check=False, env=_env())
+        if done.returncode not in (0, 1) or not done.stdout.strip():
+            raise RuntimeError(f"audit of site {name} failed: {done.stderr.decode()[-800:]}")
+        return dict(json.loads(done.stdout))
+
+    def audit_all(self) -> dict[str, dict[str, Any]]:
+        """`audit` of every site, run in parallel."""
+        with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
+            results = pool.map(self.audit, [s.name for s in self.sites])
+            return dict(zip([s.name for s in self.sites], results))
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

@@ -1,0 +1,167 @@
+"""Coordinator metrics: the ServerApp writes events to `events.jsonl`; `invcoss-server` tails them into Prometheus.
+
+The ServerApp is a short-lived process started by the SuperLink, so it cannot serve `/metrics` itself. It appends
+one JSON line per event (`emit`); the long-lived `invcoss-server` process follows the file (`EventTailer`) and
+updates its registry (`CoordinatorMetrics`), served by `serve_metrics`. Event fields are counts, seconds, bytes,
+site names and hashes — never patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from server.state import append_jsonl
+
+logger = logging.getLogger(__name__)
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+def emit(path: Path, kind: str, **fields: Any) -> None:
+    """Append one event line (`time`, `kind`, `pid`, fields) to an events file."""
+    append_jsonl(path, {"time": time.time(), "kind": kind, "pid": os.getpid(), **fields})
+
+
+class EventTailer:
+    """Follows an append-only JSONL file from a background thread and hands each new event to a handler."""
+
+    def __init__(self, path: Path, handler: EventHandler, interval_s: float = 0.5, from_start: bool = False) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self.interval_s = interval_s
+        self._offset = 0 if from_start or not self.path.exists() else self.path.stat().st_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tail-{self.path.name}", daemon=True)
+
+    def start(self) -> EventTailer:
+        """Start following; returns self."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop following after a last read."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+
+    def poll(self) -> int:
+        """Read and dispatch complete lines written since the last call; returns how many events were handled."""
+        if not self.path.exists():
+            return 0
+        size = self.path.stat().st_size
+        if size < self._offset:  # truncated or replaced: start over
+            self._offset = 0
+        if size == self._offset:
+            return 0
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read(size - self._offset)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return 0
+        self._offset += end + 1
+        handled = 0
+        for line in chunk[: end + 1].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            try:
+                self.handler(event)
+                handled += 1
+            except Exception:  # a bad event must not stop the metrics thread
+                logger.exception("metrics: cannot apply event %s", event.get("kind"))
+        return handled
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+
+class CoordinatorMetrics:
+    """The coordinator's Prometheus metrics, updated from ServerApp events and the supervisor."""
+
+    def __init__(self, plan_stages: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.stages_planned = Gauge("invcoss_coordinator_stages_planned", "Stages in the plan", registry=r)
+        self.stages_done = Gauge("invcoss_coordinator_stages_done", "Stages finished and verified", registry=r)
+        self.current_stage = Gauge("invcoss_coordinator_current_stage", "Index of the stage in flight", registry=r)
+        self.run_status = Gauge(
+            "invcoss_coordinator_run_status", "1 for the current run status", ["status"], registry=r
+        )
+        self.attempts = Counter("invcoss_coordinator_stage_attempts", "Stage messages sent", ["site"], registry=r)
+        self.retries = Counter("invcoss_coordinator_stage_retries", "Stage retries", ["site"], registry=r)
+        self.failures = Counter(
+            "invcoss_coordinator_stage_failed_attempts", "Failed stage attempts", ["site"], registry=r
+        )
+        self.verified = Counter(
+            "invcoss_coordinator_artifacts_verified", "Artifacts whose signature and lineage verified", registry=r
+        )
+        self.refused = Counter("invcoss_coordinator_artifacts_refused", "Artifacts refused", ["site"], registry=r)
+        self.bytes_out = Counter("invcoss_coordinator_bytes_out", "Artifact bytes sent to sites", ["site"], registry=r)
+        self.bytes_in = Counter(
+            "invcoss_coordinator_bytes_in", "Artifact bytes received from sites", ["site"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "invcoss_coordinator_stage_seconds",
+            "Stage duration, send to verified",
+            buckets=(5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+            registry=r,
+        )
+        self.superlink_restarts = Counter(
+            "invcoss_coordinator_superlink_restarts", "SuperLink restarts by the supervisor", registry=r
+        )
+        self.serverapp_restarts = Counter(
+            "invcoss_coordinator_serverapp_restarts", "ServerApp resubmissions by the supervisor", registry=r
+        )
+        self.stages_planned.set(plan_stages)
+        self.set_status("pending")
+
+    def set_status(self, status: str) -> None:
+        """Mark `status` as the current run status."""
+        for name in ("pending", "running", "done", "failed"):
+            self.run_status.labels(name).set(1.0 if name == status else 0.0)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Update the metrics from one ServerApp event."""
+        kind = event.get("kind")
+        site = str(event.get("site", ""))
+        if kind == "run_started":
+            self.set_status("running")
+            self.stages_done.set(float(event.get("done", 0)))
+        elif kind == "stage_sent":
+            self.current_stage.set(float(event["stage"]))
+            self.attempts.labels(site).inc()
+        elif kind == "stage_retry":
+            self.retries.labels(site).inc()
+        elif kind == "stage_failed_attempt":
+            self.failures.labels(site).inc()
+        elif kind == "artifact_verified":
+            self.verified.inc()
+        elif kind == "artifact_refused":
+            self.refused.labels(site).inc()
+        elif kind == "stage_done":
+            self.stages_done.inc()
+            self.bytes_out.labels(site).inc(float(event.get("bytes_out", 0)))
+            self.bytes_in.labels(site).inc(float(event.get("bytes_in", 0)))
+            self.stage_seconds.observe(float(event.get("seconds", 0.0)))
+        elif kind == "run_done":
+            self.set_status("done")
+        elif kind == "run_failed":
+            self.set_status("failed")
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Serve `registry` on http://HOST:PORT/metrics from a daemon thread; returns the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_port)

@@ -1,0 +1,1 @@
+"""The InvCoSS hospital site: Flower SuperNode supervision, the stage ClientApp, audit log, metrics, keys."""

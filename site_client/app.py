@@ -1,0 +1,123 @@
+"""The site's Flower ClientApp: `train.stage` runs one stage, `query.site` says who the site is.
+
+A fresh process serves each message (Flower 1.42), so everything is read from the site config named in the
+SuperNode's node config (`config="<site.toml>"`) and all state is on disk. Every reply is written to the audit
+log before it is returned; refusals and failures are replied as such (with the reason), never as an artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from invcoss_core.artifact import ArtifactError
+from invcoss_core.config import ConfigError
+from invcoss_core.data import SiteDataError
+from invcoss_core.signing import SigningKeyError, load_private_key
+from invcoss_core.training import StageError
+from site_client.audit import AUDIT_FILE, AuditLog
+from site_client.codec import (
+    OutboundMessage,
+    ProtocolError,
+    StageResponse,
+    build_site_reply,
+    build_stage_reply,
+    message_id,
+    parse_stage_request,
+    request_bytes,
+)
+from site_client.config import SiteConfig, load_site_config
+from site_client.metrics import SiteEvents
+from site_client.runner import RefusedError, run_site_stage
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "config"
+EVENTS_FILE = "events.jsonl"
+
+app = ClientApp()
+
+
+def _site_config(context: Context) -> SiteConfig:
+    path = str(context.node_config.get(CONFIG_KEY, ""))
+    if not path:
+        raise ConfigError("the SuperNode was started without node config 'config' (start it with invcoss-client)")
+    return load_site_config(Path(path), site=str(context.node_config.get("site", "")) or None)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("site_client", "invcoss_core"):
+        package_logger = logging.getLogger(name)
+        if not package_logger.handlers:
+            package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
+
+
+def _send(cfg: SiteConfig, events: SiteEvents, outbound: OutboundMessage, **extra: object) -> Message:
+    """Audit-log a reply, count it, and hand it to Flower."""
+    AuditLog(cfg.work_dir / AUDIT_FILE).record(
+        kind=outbound.kind,
+        message_id=outbound.message_id,
+        reply_to=outbound.reply_to,
+        arrays=outbound.arrays,
+        extra=extra,
+    )
+    events.emit("message_out", message_kind=outbound.kind, bytes=outbound.bytes)
+    return outbound.message
+
+
+@app.query("site")
+def site_info(msg: Message, context: Context) -> Message:
+    """Answer with the site's name and modality."""
+    cfg = _site_config(context)
+    events = SiteEvents(cfg.work_dir / EVENTS_FILE)
+    return _send(cfg, events, build_site_reply(msg, cfg.site, cfg.modality))
+
+
+@app.train("stage")
+def stage(msg: Message, context: Context) -> Message:
+    """Run one stage of the plan on this site's data and reply with the signed artifact (or the refusal)."""
+    _configure_logging()
+    cfg = _site_config(context)
+    events = SiteEvents(cfg.work_dir / EVENTS_FILE)
+    events.emit("message_in", bytes=request_bytes(msg), message_id=message_id(msg))
+    started = time.perf_counter()
+    stage_index = 0
+    extra: dict[str, object] = {}
+    try:
+        request = parse_stage_request(msg)
+        stage_index = request.stage_index
+        extra = {"run_id": request.run_id, "stage": stage_index, "attempt": request.attempt}
+        events.emit("stage_started", stage=stage_index, attempt=request.attempt, run_id=request.run_id)
+        logger.info("stage %d of run %s (attempt %d) received", stage_index, request.run_id, request.attempt)
+        private_key = load_private_key(cfg.private_key)
+        response = run_site_stage(cfg, request, private_key, events)
+    except (RefusedError, ProtocolError) as err:
+        logger.error("stage %d refused: %s", stage_index, err)
+        response = StageResponse(status="refused", error=str(err))
+    except (SiteDataError, OSError) as err:  # may name local files: details stay in the site log
+        logger.error("stage %d failed on site data: %s", stage_index, err)
+        response = StageResponse(
+            status="failed", error=f"{type(err).__name__}: site data or files unusable (details in the site's log)"
+        )
+    except (ConfigError, StageError, ArtifactError, SigningKeyError, ValueError) as err:
+        logger.error("stage %d failed: %s", stage_index, err)
+        response = StageResponse(status="failed", error=f"{type(err).__name__}: {err}")
+    seconds = time.perf_counter() - started
+    events.emit(
+        "stage_finished",
+        stage=stage_index,
+        outcome=response.status,
+        seconds=seconds,
+        reused=response.reused,
+        error=response.error,
+        artifact_sha256=response.artifact_sha256,
+    )
+    return _send(cfg, events, build_stage_reply(msg, response), status=response.status, **extra)

@@ -1,0 +1,99 @@
+"""The wire protocol: both halves agree, artifacts survive a Flower message byte for byte, nothing else passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+import server.codec as coordinator
+import site_client.codec as site
+from invcoss_core.artifact import decode_artifact
+from tests.server.conftest import Keys, make_artifact
+
+
+def test_both_halves_use_the_same_protocol_constants() -> None:
+    names = (
+        "PROTOCOL_VERSION",
+        "FILE_STYPE",
+        "STAGE_MESSAGE",
+        "QUERY_MESSAGE",
+        "ARTIFACT_RECORD",
+        "STAGE_RECORD",
+        "RESULT_RECORD",
+        "METRICS_RECORD",
+        "SITE_RECORD",
+    )
+    for name in names:
+        assert getattr(coordinator, name) == getattr(site, name), name
+
+
+def _request(parent: str | None = None) -> coordinator.StageRequest:
+    return coordinator.StageRequest(
+        run_id="run-1",
+        stage_index=2,
+        site="B",
+        modality="mri",
+        profile="tiny",
+        settings={"train": {"epochs": 3}},
+        attempt=2,
+        parent_sha256=parent,
+        parent_site="A",
+        parent_parent_sha256=None,
+        parent_public_key="ecdsa-sha2-nistp384 AAAA",
+    )
+
+
+def test_stage_request_round_trip_is_exact(keys: Keys) -> None:
+    files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
+    sha = decode_artifact(files).sha256
+    message = coordinator.build_stage_message(_request(sha), files, node_id=7, ttl=900)
+    assert message.metadata.message_type == "train.stage"
+    assert message.metadata.ttl == 900
+    request = site.parse_stage_request(message)
+    assert request.files == files
+    assert (request.run_id, request.stage_index, request.site, request.modality) == ("run-1", 2, "B", "mri")
+    assert request.settings == {"train": {"epochs": 3}}
+    assert request.parent_sha256 == sha and request.parent_parent_sha256 is None and request.attempt == 2
+
+
+def test_stage_reply_round_trip_is_exact(keys: Keys) -> None:
+    files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
+    incoming = coordinator.build_stage_message(_request(), {}, node_id=7, ttl=60)
+    incoming.metadata.__dict__["_message_id"] = "m-1"
+    response = site.StageResponse(
+        status="ok",
+        files=files,
+        artifact_sha256="ab" * 32,
+        resumed_from_epoch=2,
+        metrics={"train_seconds": 1.5},
+        epoch_losses=[0.9, 0.7],
+    )
+    outbound = site.build_stage_reply(incoming, response)
+    assert outbound.kind == "stage_reply" and outbound.arrays == files and outbound.reply_to == "m-1"
+    reply = coordinator.parse_stage_reply(outbound.message)
+    assert reply.ok and reply.files == files and reply.resumed_from_epoch == 2
+    assert reply.metrics == {"train_seconds": 1.5} and reply.epoch_losses == [0.9, 0.7]
+
+
+def test_refusal_reply_carries_no_files() -> None:
+    incoming = coordinator.build_stage_message(_request(), {}, node_id=7, ttl=60)
+    outbound = site.build_stage_reply(incoming, site.StageResponse(status="refused", error="bad signature"))
+    reply = coordinator.parse_stage_reply(outbound.message)
+    assert (reply.status, reply.error, reply.files) == ("refused", "bad signature", {})
+    assert outbound.kind == "stage_refused" and outbound.bytes == 0
+
+
+def test_arrays_that_are_not_raw_files_are_refused() -> None:
+    record = ArrayRecord({"weights.safetensors": Array(np.zeros(3, dtype=np.float32))})
+    content = RecordDict({"artifact": record, "stage": ConfigRecord({"protocol": 1, "stage_index": 1})})
+    with pytest.raises(site.ProtocolError, match="not an artifact file"):
+        site.parse_stage_request(Message(content, dst_node_id=1, message_type="train.stage"))
+    with pytest.raises(coordinator.ProtocolError, match="not an artifact file"):
+        coordinator.record_to_files(record)
+
+
+def test_other_protocol_versions_are_refused() -> None:
+    content = RecordDict({"stage": ConfigRecord({"protocol": 99, "stage_index": 1})})
+    with pytest.raises(site.ProtocolError, match="protocol version 99"):
+        site.parse_stage_request(Message(content, dst_node_id=1, message_type="train.stage"))

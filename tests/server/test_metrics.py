@@ -1,0 +1,48 @@
+"""Coordinator metrics: events written by the ServerApp reach the Prometheus registry through the tailer."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from server.metrics import CoordinatorMetrics, EventTailer, emit, serve_metrics
+
+
+def test_tailer_dispatches_complete_lines_once(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    seen: list[str] = []
+    tailer = EventTailer(path, lambda e: seen.append(e["kind"]), from_start=True)
+    emit(path, "a")
+    emit(path, "b")
+    with open(path, "a") as fh:
+        fh.write('{"kind": "torn"')
+    assert tailer.poll() == 2
+    assert tailer.poll() == 0
+    with open(path, "a") as fh:
+        fh.write("}\n")
+    assert tailer.poll() == 1
+    assert seen == ["a", "b", "torn"]
+
+
+def test_events_update_the_coordinator_metrics(tmp_path: Path) -> None:
+    metrics = CoordinatorMetrics(plan_stages=3)
+    for event in (
+        {"kind": "run_started", "done": 0},
+        {"kind": "stage_sent", "stage": 1, "site": "A", "attempt": 1, "bytes": 0},
+        {"kind": "stage_failed_attempt", "stage": 1, "site": "A", "error": "x"},
+        {"kind": "stage_retry", "stage": 1, "site": "A", "attempt": 2, "wait_s": 1},
+        {"kind": "artifact_verified", "stage": 1, "site": "A"},
+        {"kind": "stage_done", "stage": 1, "site": "A", "seconds": 12.0, "bytes_in": 1000, "bytes_out": 0},
+    ):
+        metrics.apply(event)
+    text = generate_latest(metrics.registry).decode()
+    assert "invcoss_coordinator_stages_done 1.0" in text
+    assert "invcoss_coordinator_current_stage 1.0" in text
+    assert 'invcoss_coordinator_stage_retries_total{site="A"} 1.0' in text
+    assert 'invcoss_coordinator_bytes_in_total{site="A"} 1000.0' in text
+    assert 'invcoss_coordinator_run_status{status="running"} 1.0' in text
+    port = serve_metrics(metrics.registry, "127.0.0.1", 0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert b"invcoss_coordinator_stage_seconds_bucket" in response.read()

@@ -1,0 +1,70 @@
+"""Site supervision: SuperNode command, crashed-stage detection (zombies count as dead), metrics from events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from invcoss_core.events import ProgressEvent
+from site_client.config import SiteConfig
+from site_client.metrics import EventTailer, SiteEvents, SiteMetrics
+from site_client.supernode import StageWatch, SuperNodeProcess
+
+
+def test_supernode_command_uses_tls_root_key_and_node_config(site_config: SiteConfig) -> None:
+    cmd = SuperNodeProcess(site_config, site_config.work_dir.parent / "site.toml").command()
+    assert cmd[cmd.index("--root-certificates") + 1] == str(site_config.superlink.root_certificates)
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(site_config.private_key)
+    node_config = cmd[cmd.index("--node-config") + 1]
+    assert node_config.startswith('site="A" config="') and "--insecure" not in cmd
+
+
+def test_stage_watch_reports_a_stage_process_that_died_unfinished() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    watch = StageWatch()
+    watch.apply({"kind": "stage_started", "pid": child.pid, "stage": 3})
+    assert watch.crashed() == []
+    child.kill()
+    time.sleep(0.2)  # not reaped yet: a zombie must count as dead
+    assert watch.crashed() == [3]
+    assert watch.crashed() == []
+    child.wait()
+    finished = StageWatch()
+    finished.apply({"kind": "stage_started", "pid": child.pid, "stage": 4})
+    finished.apply({"kind": "stage_finished", "pid": child.pid, "stage": 4})
+    assert finished.crashed() == []
+
+
+def test_site_events_reach_the_metrics(tmp_path: Path) -> None:
+    events = SiteEvents(tmp_path / "events.jsonl", min_interval_s=60)
+    metrics = SiteMetrics("A")
+    tailer = EventTailer(tmp_path / "events.jsonl", metrics.apply)
+    events.emit("stage_started", stage=2)
+    events.emit("message_in", bytes=1000)
+    events.progress(ProgressEvent("train", "ct", 1, 10, 1, {"loss": 0.9}))
+    events.progress(ProgressEvent("train", "ct", 2, 10, 1, {"loss": 0.8}))  # throttled
+    events.progress(ProgressEvent("train", "ct", 5, 10, 1, {"epoch_loss": 0.7, "images_per_second": 42.0}))
+    events.progress(ProgressEvent("inversion", "ct", 3, 4, None, {}))
+    events.emit("gate", checked=8, blocked=1)
+    tailer.poll()
+    text = generate_latest(metrics.registry).decode()
+    for line in (
+        "invcoss_site_stage_index 2.0",
+        "invcoss_site_stage_running 1.0",
+        "invcoss_site_loss 0.7",
+        "invcoss_site_images_per_second 42.0",
+        "invcoss_site_inversion_progress 0.75",
+        "invcoss_site_gate_blocked_total 1.0",
+        "invcoss_site_bytes_in_total 1000.0",
+        "invcoss_site_epoch 1.0",
+    ):
+        assert line in text, line
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    events.emit("stage_finished", outcome="ok", seconds=12.0, reused=False)
+    tailer.poll()
+    assert "invcoss_site_stage_running 0.0" in generate_latest(metrics.registry).decode()
