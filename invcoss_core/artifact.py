@@ -68,6 +68,7 @@ class GateSummary(_Frozen):
     checked: int = Field(ge=0)  # synthetic images compared with the real training set
     blocked: int = Field(ge=0)  # images found above a threshold (regenerated or dropped)
     dropped: int = Field(0, ge=0)  # blocked images that did not leave the site
+    regenerated: int = Field(0, ge=0)  # replacement images synthesised for blocked ones (each was checked again)
     threshold: dict[str, float]  # {"pixel": normalised correlation, "feature": encoder cosine}
     max_similarity: dict[str, float]  # the largest similarity of any image that left, per measure
     quantiles: dict[str, list[float]] = Field(default_factory=dict)  # 50/90/99/100 % of nearest-real similarity
@@ -268,8 +269,8 @@ def decode_artifact(
             raise ArtifactError(f"{source}: no public key to verify the signature of site {manifest.site!r}")
         if not verify_bytes(public_key, manifest_bytes, signature):
             raise ArtifactError(
-                f"{source}: signature does not verify with the enrolled key of site {manifest.site!r} "
-                "(forged or modified manifest)"
+                f"{source}: signature does not verify with the key this artifact was checked against "
+                f"(the manifest claims site {manifest.site!r}): forged, modified, or signed by another site"
             )
         signed = True
     weights = _load_tensors(WEIGHTS, files[WEIGHTS])

@@ -55,6 +55,7 @@ class ReplayOutcome:
     gate: GateSummary | None = None
     seconds: float = 0.0  # time spent producing the replay (inversion, k-means, Fisher)
     metrics: dict[str, float] = field(default_factory=dict)
+    previews: dict[str, bytes] = field(default_factory=dict)  # modality -> PNG of this stage's synthetic images
 
 
 class ReplayStrategy(ABC):

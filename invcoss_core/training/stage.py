@@ -49,6 +49,7 @@ class StageResult:
     images_per_second: float  # real images per second of training
     resumed_from_epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    previews: dict[str, bytes] = field(default_factory=dict)  # modality -> PNG of this stage's synthetic images
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -389,6 +390,8 @@ def run_stage(
     artifact = decode_artifact(files, source=f"stage {stage_index} output")
     if out_dir is not None:
         write_artifact_dir(files, Path(out_dir))
+        for name, png in outcome.previews.items():  # beside the artifact: its directory holds manifest files only
+            Path(out_dir).with_name(f"{Path(out_dir).name}.preview-{name}.png").write_bytes(png)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return StageResult(
@@ -402,6 +405,7 @@ def run_stage(
         images_per_second=metrics["images_per_second"],
         resumed_from_epoch=resumed,
         metrics=metrics,
+        previews=dict(outcome.previews),
     )
 
 
