@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 PROFILE ?= tiny
+# Idle OpenMP threads sleep instead of spinning: several torch processes (SuperLink, sites, app processes, test
+# workers) share few cores here, and spinning threads slowed every one of them several-fold.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: help venv samples test test-fast demo bench lint compose-check clean
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.transforms import Resize, ScaleIntensityRange
 
 from invcoss_core.config import ModalitySpec
 from invcoss_core.data.errors import ImageReadError
@@ -121,14 +121,14 @@ def resample(array: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
     out_shape = tuple(int(s) for s in out_shape)
     if in_shape == out_shape:
         return array.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     mid = tuple(min(i, o) for i, o in zip(in_shape, out_shape))
     if mid != in_shape:
-        t = F.interpolate(t, size=mid, mode="area")
+        t = Resize(spatial_size=mid, mode="area")(t)
     if mid != out_shape:
         mode = "trilinear" if len(out_shape) == 3 else "bilinear"
-        t = F.interpolate(t, size=out_shape, mode=mode, align_corners=False)
-    return t[0].numpy()
+        t = Resize(spatial_size=out_shape, mode=mode, align_corners=False)(t)
+    return np.asarray(t, dtype=np.float32)
 
 
 def working_shape(raw: RawImage, kind: Kind, spec: ModalitySpec) -> tuple[tuple[int, ...], list[str]]:
@@ -198,8 +198,8 @@ def normalise(values: np.ndarray, kind: Kind, source_dtype: str) -> tuple[np.nda
         lo, hi = _robust_range(values)
     if hi <= lo:
         raise ImageReadError("no contrast left after percentile clipping")
-    scaled = np.clip((values - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
-    return scaled[None].astype(np.float32, copy=False), notes
+    window = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+    return np.asarray(window(values[None].astype(np.float32, copy=False)), dtype=np.float32), notes
 
 
 def _rgb_full_scale(values: np.ndarray, source_dtype: str) -> float:
