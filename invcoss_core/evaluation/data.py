@@ -1,0 +1,148 @@
+"""The benchmark's data: per-modality train / held-out images and the labelled probe tasks, loaded once.
+
+Everything is loaded with one fixed `data_seed`, so every method and every training seed sees the same images,
+the same held-out subjects and the same probe splits; seeds vary the training only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from invcoss_core.config import StageConfig
+from invcoss_core.data import list_probe_tasks, load_probe_task, load_site_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class BenchDataError(ValueError):
+    """The benchmark's data cannot be assembled (a modality or a requested probe task is missing)."""
+
+
+class TensorImages(Dataset[torch.Tensor]):
+    """A dataset over a stacked (N, C, *spatial) tensor (what `run_stage` trains on)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def tensors(self) -> torch.Tensor:
+        """All images, (N, C, *spatial)."""
+        return self.images
+
+
+@dataclass(frozen=True)
+class ModalityData:
+    """One modality's SSL images: `train` (N, C, *img_size) trains stages; `val` (M, ...) held-out subjects."""
+
+    modality: str
+    train: torch.Tensor
+    val: torch.Tensor
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """One labelled probe task: x (N, C, *img_size), y (N,), train_mask (N,) bool (test = ~train_mask)."""
+
+    name: str
+    modality: str
+    x: torch.Tensor
+    y: torch.Tensor
+    train_mask: torch.Tensor
+    classes: tuple[str, ...]
+    pseudo: bool = False
+    split_note: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task."""
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """All the data of one benchmark run."""
+
+    modalities: dict[str, ModalityData]
+    tasks: list[ProbeTask]
+    source: str  # where it came from (a folder, or "synthetic" in tests)
+    notes: list[str] = field(default_factory=list)
+
+    def check(self, order: tuple[str, ...]) -> None:
+        """Refuse data that lacks a modality of the plan or a task of a planned modality.
+
+        Raises:
+            BenchDataError: naming what is missing.
+        """
+        missing = [m for m in order if m not in self.modalities]
+        if missing:
+            raise BenchDataError(f"no images for modalities {missing} in {self.source}")
+        if not any(t.modality in order for t in self.tasks):
+            raise BenchDataError(f"no probe task for any of {list(order)} in {self.source}")
+
+
+def load_bench_data(
+    root: Path,
+    config: StageConfig,
+    order: tuple[str, ...],
+    seed: int,
+    tasks: tuple[str, ...] | None = None,
+    max_per_class: int | None = None,
+) -> BenchData:
+    """Load the SSL images (train and held-out splits) and the probe tasks of the modalities in `order`.
+
+    Args:
+        root: a sample-data folder (`invcoss samples fetch`): `<modality>/` image folders and `labels/`.
+        config: gives the model input shapes and the data settings (samples per volume, held-out share).
+        order: the stage modalities.
+        seed: the data seed (held-out subjects, sample positions, probe splits).
+        tasks: probe task names; None takes every task of a modality in `order`.
+        max_per_class: probe samples per class (None: the data package's default).
+    Raises:
+        BenchDataError: for a missing modality or an unknown requested task.
+        SiteDataError: when a folder cannot be read.
+    """
+    root = Path(root)
+    modalities: dict[str, ModalityData] = {}
+    for modality in order:
+        spec = config.model.spec(modality)
+        train = load_site_dataset(root, modality, spec, config.data, split="train", seed=seed)
+        val = load_site_dataset(root, modality, spec, config.data, split="val", seed=seed)
+        modalities[modality] = ModalityData(
+            modality, train.tensors(), val.tensors(), note=f"{train.report.summary()}; {val.report.summary()}"
+        )
+    available = {info.name: info for info in list_probe_tasks(root)}
+    wanted = list(tasks) if tasks is not None else [n for n, i in available.items() if i.modality in order]
+    unknown = [t for t in wanted if t not in available]
+    if unknown:
+        raise BenchDataError(f"unknown probe tasks {unknown}; {root} offers {sorted(available)}")
+    probe_tasks = []
+    for name in wanted:
+        info = available[name]
+        if info.modality not in order:
+            raise BenchDataError(f"probe task {name} is a {info.modality} task, but {info.modality} is not a stage")
+        probe = load_probe_task(root, name, config.model.spec(info.modality), seed=seed, max_per_class=max_per_class)
+        probe_tasks.append(
+            ProbeTask(
+                name=name,
+                modality=info.modality,
+                x=probe.x,
+                y=probe.y,
+                train_mask=probe.train_mask,
+                classes=tuple(probe.classes),
+                pseudo=probe.pseudo,
+                split_note=probe.split_note,
+            )
+        )
+    probe_tasks.sort(key=lambda t: (order.index(t.modality), t.name))
+    return BenchData(modalities, probe_tasks, source=str(root), notes=[m.note for m in modalities.values()])

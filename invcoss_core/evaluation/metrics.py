@@ -1,0 +1,174 @@
+"""Continual-learning measures on accuracy and reconstruction matrices: pure functions, no model, no I/O.
+
+Conventions (0-based stage indices):
+- ``acc[s][j]``: probe accuracy of task j measured after stage s. Shape (S, J). NaN marks a cell not measured.
+- ``task_stage[j]``: the stage whose modality task j belongs to (the stage that first trains on it).
+- ``recon[s][m]``: held-out masked-reconstruction loss of modality m after stage s (lower is better); NaN for a
+  modality not seen yet.
+- ``modality_stage[m]``: the stage that trains modality m.
+The last stage is S - 1; "earlier" tasks or modalities are those whose stage is < S - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Matrix = Sequence[Sequence[float]] | np.ndarray
+
+
+class MetricError(ValueError):
+    """A matrix and its stage assignment do not fit together."""
+
+
+def _as_matrix(values: Matrix, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise MetricError(f"{name} must be a non-empty 2-D matrix (stages × columns); got shape {array.shape}")
+    return array
+
+
+def _check_stages(stages: Sequence[int], columns: int, num_stages: int, name: str) -> np.ndarray:
+    owner = np.asarray(stages, dtype=np.int64)
+    if owner.shape != (columns,):
+        raise MetricError(f"{name} needs one stage per column ({columns}); got {len(stages)}")
+    if columns and (owner.min() < 0 or owner.max() >= num_stages):
+        raise MetricError(f"{name} holds stages outside 0..{num_stages - 1}: {list(stages)}")
+    return owner
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def average_accuracy(acc: Matrix, task_stage: Sequence[int], stage: int = -1) -> float:
+    """Mean accuracy after `stage` over the tasks whose modality has been trained by then.
+
+    A_s = mean_{j : task_stage[j] <= s} acc[s][j]   (Lopez-Paz & Ranzato 2017 use s = S - 1).
+
+    Args:
+        acc: (S, J) accuracy matrix.
+        task_stage: (J,) owning stage of each task.
+        stage: which row; negative values count from the end.
+    Returns:
+        the mean, or NaN when no task has been seen.
+    """
+    a = _as_matrix(acc, "acc")
+    s = stage % a.shape[0]
+    owner = _check_stages(task_stage, a.shape[1], a.shape[0], "task_stage")
+    return _nanmean(a[s, owner <= s])
+
+
+def avg_prev(final_acc: Sequence[float], task_stage: Sequence[int], num_stages: int) -> float:
+    """Mean final accuracy over the tasks of the earlier modalities (all but the last stage's).
+
+    avg_prev = mean_{j : task_stage[j] < S - 1} final_acc[j]. It takes the final row only, so a single-stage
+    reference (joint training) is scored on the same tasks as the sequential methods.
+
+    Args:
+        final_acc: (J,) accuracies after the last stage.
+        task_stage: (J,) owning stage of each task in the sequential plan.
+        num_stages: S, the number of stages of the sequential plan.
+    Returns:
+        the mean, or NaN when no task belongs to an earlier stage.
+    """
+    row = np.asarray(final_acc, dtype=np.float64)
+    if row.ndim != 1:
+        raise MetricError(f"final_acc must be one row; got shape {row.shape}")
+    owner = _check_stages(task_stage, row.shape[0], num_stages, "task_stage")
+    return _nanmean(row[owner < num_stages - 1])
+
+
+def backward_transfer(acc: Matrix, task_stage: Sequence[int]) -> float:
+    """Backward transfer (Lopez-Paz & Ranzato 2017): how training later stages changed earlier tasks.
+
+    BWT = mean_{j : t_j < S - 1} (acc[S - 1][j] - acc[t_j][j]), t_j = task_stage[j].
+    Negative values are forgetting; positive values mean later stages helped.
+
+    Args:
+        acc: (S, J) accuracy matrix.
+        task_stage: (J,) owning stage of each task.
+    Returns:
+        BWT, or NaN for a single stage or when no task is earlier than the last stage.
+    """
+    a = _as_matrix(acc, "acc")
+    owner = _check_stages(task_stage, a.shape[1], a.shape[0], "task_stage")
+    last = a.shape[0] - 1
+    earlier = np.nonzero(owner < last)[0]
+    if earlier.size == 0:
+        return math.nan
+    return _nanmean(np.array([a[last, j] - a[owner[j], j] for j in earlier]))
+
+
+def forgetting(acc: Matrix, task_stage: Sequence[int]) -> list[float]:
+    """Per-task forgetting (Chaudhry et al. 2018): best earlier accuracy minus the final one.
+
+    f_j = max_{t_j <= s < S - 1} acc[s][j] - acc[S - 1][j] for tasks with t_j < S - 1; NaN for the others.
+
+    Returns:
+        (J,) values; positive is forgetting.
+    """
+    a = _as_matrix(acc, "acc")
+    owner = _check_stages(task_stage, a.shape[1], a.shape[0], "task_stage")
+    last = a.shape[0] - 1
+    out: list[float] = []
+    for j in range(a.shape[1]):
+        if owner[j] >= last:
+            out.append(math.nan)
+            continue
+        out.append(float(np.nanmax(a[owner[j] : last, j]) - a[last, j]))
+    return out
+
+
+def recon_increase(recon: Matrix, modality_stage: Sequence[int]) -> list[float]:
+    """Rise of each earlier modality's held-out reconstruction loss from its own stage to the end.
+
+    r_m = recon[S - 1][m] - recon[t_m][m] for modalities with t_m < S - 1; NaN for the last one.
+    Positive values are forgetting (the loss got worse).
+
+    Returns:
+        (M,) values.
+    """
+    r = _as_matrix(recon, "recon")
+    owner = _check_stages(modality_stage, r.shape[1], r.shape[0], "modality_stage")
+    last = r.shape[0] - 1
+    return [float(r[last, m] - r[owner[m], m]) if owner[m] < last else math.nan for m in range(r.shape[1])]
+
+
+@dataclass(frozen=True)
+class MeanSd:
+    """Mean and sample standard deviation (ddof = 1; 0 for one value) over seeds, ignoring NaN."""
+
+    mean: float
+    sd: float
+    n: int
+
+
+def mean_sd(values: Sequence[float]) -> MeanSd:
+    """Mean ± sample standard deviation of finite `values` (NaN when none is finite)."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if finite.size == 0:
+        return MeanSd(math.nan, math.nan, 0)
+    sd = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    return MeanSd(float(finite.mean()), sd, int(finite.size))
+
+
+def elementwise_mean_sd(matrices: Sequence[Matrix]) -> tuple[np.ndarray, np.ndarray]:
+    """Cell-wise mean and sample sd over same-shaped matrices (one per seed); NaN cells stay NaN.
+
+    Returns:
+        mean (S, J) and sd (S, J); sd is 0 where only one seed has a finite value.
+    """
+    if not matrices:
+        raise MetricError("no matrices to average")
+    stack = np.stack([_as_matrix(m, "matrix") for m in matrices])
+    mean = np.full(stack.shape[1:], math.nan)
+    sd = np.full(stack.shape[1:], math.nan)
+    for idx in np.ndindex(*stack.shape[1:]):
+        cell = mean_sd(list(stack[(slice(None), *idx)]))
+        mean[idx], sd[idx] = cell.mean, cell.sd
+    return mean, sd

@@ -1,0 +1,327 @@
+"""report.md from results.json: the paper's comparison layout (method × task, averages, forgetting, cost)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _pct(mean: Any, sd: Any = None) -> str:
+    m = _num(mean)
+    if not math.isfinite(m):
+        return "–"
+    s = _num(sd)
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if sd is not None and math.isfinite(s) else f"{100 * m:.1f}"
+
+
+def _loss(mean: Any, sd: Any = None) -> str:
+    m = _num(mean)
+    if not math.isfinite(m):
+        return "–"
+    s = _num(sd)
+    return f"{m:.3f} ± {s:.3f}" if sd is not None and math.isfinite(s) else f"{m:.3f}"
+
+
+def _signed(mean: Any, sd: Any = None, scale: float = 100.0, digits: int = 1) -> str:
+    m = _num(mean)
+    if not math.isfinite(m):
+        return "–"
+    s = _num(sd)
+    text = f"{scale * m:+.{digits}f}"
+    return f"{text} ± {scale * s:.{digits}f}" if sd is not None and math.isfinite(s) else text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _mb(value: Any) -> str:
+    return "–" if value is None else f"{float(value) / 1e6:.2f}"
+
+
+def _duration(seconds: Any) -> str:
+    s = _num(seconds)
+    if not math.isfinite(s):
+        return "–"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def forgetting_sentence(results: Mapping[str, Any]) -> str:
+    """One sentence: was forgetting visible for sequential fine-tuning, with the numbers."""
+    check = results.get("forgetting", {})
+    if check.get("visible") is None and "recon" not in check:
+        return "Forgetting could not be judged: `finetune` was not run."
+    parts = [
+        f"{m}: {v['own_stage']:.3f} → {v['final']:.3f} (rise {v['rise']:+.3f}, seed spread {v['spread']:.3f})"
+        for m, v in check["recon"].items()
+    ]
+    drop = 100 * check["probe_drop"]
+    probe = (
+        f"mean probe accuracy on earlier tasks {'fell' if drop > 0 else 'rose'} by {abs(drop):.1f} points "
+        f"(BWT {-drop:+.1f}, seed sd {100 * check['probe_drop_spread']:.1f})"
+    )
+    if check["visible"] is None:
+        verdict = f"Forgetting cannot be judged against the seed spread with {check['seeds']} seed"
+    elif check["visible"]:
+        verdict = "Forgetting was visible"
+    else:
+        verdict = "Forgetting was NOT clearly visible"
+    detail = (
+        f"earlier-modality held-out reconstruction loss of `finetune` {'; '.join(parts)}; {probe}. "
+        f"Criterion: both rises exceed twice the seed spread (reconstruction: {check['recon_visible']}, "
+        f"probes: {check['probe_visible']})."
+    )
+    return f"{verdict}: {detail}"
+
+
+def _goal_lines(methods: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    inv, fine, buf = methods.get("invcoss"), methods.get("finetune"), methods.get("real_buffer")
+    if inv is None or fine is None:
+        return ["Goals not evaluated: `invcoss` and `finetune` are both needed."]
+    a_inv, a_fine = _num(inv["avg_prev"]), _num(fine["avg_prev"])
+    lines.append(
+        f"- avg_prev: invcoss {100 * a_inv:.1f} vs finetune {100 * a_fine:.1f} → "
+        f"{'met' if a_inv >= a_fine + 0.03 else 'NOT met'} (goal: ≥ finetune + 3 points)"
+    )
+    r_inv, r_fine = _num(inv["recon_prev"]), _num(fine["recon_prev"])
+    lines.append(
+        f"- earlier-modality reconstruction: invcoss {r_inv:.3f} vs finetune {r_fine:.3f} → "
+        f"{'invcoss better' if r_inv < r_fine else 'invcoss NOT better'}"
+    )
+    if buf is not None:
+        a_buf, r_buf = _num(buf["avg_prev"]), _num(buf["recon_prev"])
+        lines.append(
+            f"- avg_prev vs real_buffer: invcoss {100 * a_inv:.1f} vs {100 * a_buf:.1f} → "
+            f"{'met' if a_inv >= a_buf - 0.01 else 'NOT met'} (goal: ≥ real_buffer − 1 point)"
+        )
+        lines.append(
+            f"- earlier-modality reconstruction vs real_buffer: invcoss {r_inv:.3f} vs {r_buf:.3f} → "
+            f"{'invcoss as good or better' if r_inv <= r_buf else 'invcoss worse'}"
+        )
+    return lines
+
+
+def _diagnostics_lines(diagnostics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
+    if not diagnostics:
+        return []
+    lines = [
+        "",
+        "## Replay diagnostics (seed 0)",
+        "",
+        "For each earlier modality, with the model after that modality's own stage as reference: `drift real` / "
+        "`drift pool` = the distillation objective (masked-encoder-output MSE, final vs reference model) on held-out "
+        "real images / on the method's replay pool; `cover` = mean cosine from each held-out real image to its nearest "
+        "pool image (reference features), `cover*` = the same to the nearest real training image (what a perfect "
+        "stand-in reaches); `self-sim` = mean pairwise cosine inside the pool (lower = more diverse); pixel mean / "
+        "per-image sd of the pool vs held-out real images.",
+        "",
+    ]
+    rows = []
+    for name, per_modality in diagnostics.items():
+        for modality, d in per_modality.items():
+            rows.append(
+                [
+                    name,
+                    modality,
+                    str(int(d["pool_size"])),
+                    _loss(d["drift_real"]),
+                    _loss(d["drift_pool"]),
+                    _loss(d["coverage"]),
+                    _loss(d["coverage_real_train"]),
+                    _loss(d["pool_self_similarity"]),
+                    f"{_loss(d['pool_mean'])} / {_loss(d['pool_image_sd'])}",
+                    f"{_loss(d['real_mean'])} / {_loss(d['real_image_sd'])}",
+                ]
+            )
+    header = [
+        "method",
+        "modality",
+        "pool",
+        "drift real",
+        "drift pool",
+        "cover",
+        "cover*",
+        "self-sim",
+        "pool mean / sd",
+        "real mean / sd",
+    ]
+    return lines + _table(header, rows)
+
+
+def render_report(results: Mapping[str, Any]) -> str:
+    """The Markdown report of a results dictionary (see `invcoss_core.evaluation.bench.aggregate`)."""
+    tasks: list[str] = list(results["tasks"])
+    order: list[str] = list(results["modalities"])
+    task_stage: list[int] = list(results["task_stage"])
+    methods: Mapping[str, Any] = results["methods"]
+    base = results["baselines"]
+    last = len(order) - 1
+    earlier_tasks = [j for j, s in enumerate(task_stage) if s < last]
+    task_header = [f"{t}{'*' if p else ''}" for t, p in zip(tasks, results.get("task_pseudo", [False] * len(tasks)))]
+    out: list[str] = [f"# InvCoSS benchmark — profile `{results['profile']}`", ""]
+    seeds = ", ".join(f"{name} {m['seeds']}" for name, m in methods.items())
+    out += [
+        f"Stages: {' → '.join(order)}. Seeds per method: {seeds}. Data: {results['data']['source']} "
+        f"(training samples {results['data']['train_samples']}, held-out {results['data']['val_samples']}). "
+        f"Wall time {_duration(results.get('wall_seconds'))}.",
+        "",
+        "## Forgetting check",
+        "",
+        forgetting_sentence(results),
+        "",
+        "## Probe accuracy after the last stage (linear probe, balanced accuracy %, mean ± sd over seeds)",
+        "",
+        f"Avg: all tasks; Avg prev: tasks of the earlier modalities ({', '.join(tasks[j] for j in earlier_tasks)}); "
+        "BWT: backward transfer in points (negative = forgetting). * = pseudo-label task.",
+        "",
+    ]
+    rows = []
+    raw, rnd = base["raw_pixels"], base["random_encoder"]
+    prev = [j for j in earlier_tasks]
+
+    def _mean_of(values: Sequence[Any], idx: Sequence[int]) -> float:
+        finite = [_num(values[j]) for j in idx if math.isfinite(_num(values[j]))]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    rows.append(
+        [
+            "raw pixels",
+            *(_pct(v) for v in raw["acc"]),
+            _pct(_mean_of(raw["acc"], range(len(tasks)))),
+            _pct(_mean_of(raw["acc"], prev)),
+            "–",
+        ]
+    )
+    rows.append(
+        [
+            "random encoder",
+            *(_pct(m, s) for m, s in zip(rnd["acc"], rnd["acc_sd"])),
+            _pct(_mean_of(rnd["acc"], range(len(tasks)))),
+            _pct(_mean_of(rnd["acc"], prev)),
+            "–",
+        ]
+    )
+    for name, m in methods.items():
+        final, final_sd = m["acc"][-1], m["acc_sd"][-1]
+        rows.append(
+            [
+                f"**{name}**",
+                *(_pct(a, s) for a, s in zip(final, final_sd)),
+                _pct(m["avg_final"], m["avg_final_sd"]),
+                _pct(m["avg_prev"], m["avg_prev_sd"]),
+                _signed(m["bwt"], m["bwt_sd"]),
+            ]
+        )
+    out += _table(["method", *task_header, "Avg", "Avg prev", "BWT"], rows)
+    out += ["", "### Same, kNN probe (k-nearest neighbours, cosine)", ""]
+    rows = [
+        ["raw pixels", *(_pct(v) for v in raw["acc_knn"]), _pct(_mean_of(raw["acc_knn"], prev)), "–"],
+        ["random encoder", *(_pct(v) for v in rnd["acc_knn"]), _pct(_mean_of(rnd["acc_knn"], prev)), "–"],
+    ]
+    for name, m in methods.items():
+        rows.append(
+            [
+                f"**{name}**",
+                *(_pct(a, s) for a, s in zip(m["acc_knn"][-1], m["acc_knn_sd"][-1])),
+                _pct(m["avg_prev_knn"], m["avg_prev_knn_sd"]),
+                _signed(m["bwt_knn"], m["bwt_knn_sd"]),
+            ]
+        )
+    out += _table(["method", *task_header, "Avg prev", "BWT"], rows)
+    out += [
+        "",
+        "## Held-out masked-reconstruction loss (↓) after the last stage",
+        "",
+        "`recon`: normalised-pixel MSE on the hidden patches of held-out subjects under fixed masks, computed with "
+        "the current encoder and the decoder co-trained on that modality in its own stage (the stage re-initialises "
+        "the decoder, so this is the modality's SSL loss as pre-trained). `rise`: change from the modality's own "
+        "stage to the end (positive = forgotten). `refit`: the same loss with a fresh decoder fitted on the frozen "
+        "encoder (information kept; weakly separates trained from random encoders). The untrained model's own loss "
+        "is the floor.",
+        "",
+    ]
+    earlier_mods = order[:last]
+    has_refit = any(v is not None for v in rnd.get("recon_refit", []))
+    header = ["method", *(f"{m} recon" for m in order), *(f"{m} rise" for m in earlier_mods), "prev recon"]
+    if has_refit:
+        header += [f"{m} refit" for m in order]
+    rows = [
+        [
+            "untrained model",
+            *(_loss(v) for v in rnd["recon"]),
+            *("–" for _ in earlier_mods),
+            _loss(_mean_of(rnd["recon"], range(last))),
+        ]
+    ]
+    if has_refit:
+        rows[0] += [_loss(v) for v in rnd["recon_refit"]]
+    for name, m in methods.items():
+        final, final_sd = m["recon"][-1], m["recon_sd"][-1]
+        row = [
+            f"**{name}**",
+            *(_loss(a, s) for a, s in zip(final, final_sd)),
+            *(_signed(m["recon_increase"].get(mod), m["recon_increase_sd"].get(mod), 1.0, 3) for mod in earlier_mods),
+            _loss(m["recon_prev"], m["recon_prev_sd"]),
+        ]
+        if has_refit:
+            row += [_loss(a, s) for a, s in zip(m["recon_refit"][-1], m["recon_refit_sd"][-1])]
+        rows.append(row)
+    out += _table(header, rows)
+    out += ["", "## Reconstruction loss after each stage (own-stage decoder, mean ± sd over seeds)", ""]
+    rows = []
+    for name, m in methods.items():
+        for s, stage in enumerate(m["stages"]):
+            rows.append([name, stage, *(_loss(v, sd) for v, sd in zip(m["recon"][s], m["recon_sd"][s]))])
+    out += _table(["method", "after stage", *order], rows)
+    out += ["", "## Probe accuracy after each stage (linear, %)", ""]
+    rows = []
+    for name, m in methods.items():
+        for s, stage in enumerate(m["stages"]):
+            rows.append([name, stage, *(_pct(v, sd) for v, sd in zip(m["acc"][s], m["acc_sd"][s]))])
+    out += _table(["method", "after stage", *task_header], rows)
+    out += [
+        "",
+        "## Storage and time",
+        "",
+        "Hand-off: bytes of the last stage's artifact (weights, statistics, synthetic pools or buffer). Real buffer: "
+        "what a 5 % real buffer of every stage would hold (float16). Time: training + replay production per run "
+        "(first stage included, evaluation excluded), mean ± sd over seeds.",
+        "",
+    ]
+    rows = []
+    for name, m in methods.items():
+        rows.append(
+            [
+                name,
+                _mb(m["handoff_bytes"]),
+                _mb(m["replay_bytes_real"]),
+                f"{_duration(m['seconds'])} ± {_duration(m['seconds_sd'])}",
+                _duration(m["inversion_seconds"]),
+                _duration(m["replay_seconds"]),
+            ]
+        )
+    out += _table(["method", "hand-off MB", "5 % real buffer MB", "time", "inversion", "replay production"], rows)
+    out += _diagnostics_lines(results.get("diagnostics", {}))
+    out += ["", "## Goals", "", *_goal_lines(methods), ""]
+    out += ["## Notes", ""]
+    for t, note, n_test, pseudo in zip(
+        tasks, results.get("task_split", []), results.get("task_test_size", []), results.get("task_pseudo", [])
+    ):
+        out.append(f"- `{t}`: {note}; {n_test} test samples{' (pseudo-labels, not a diagnosis)' if pseudo else ''}.")
+    out.append(
+        "- Probe accuracies are balanced accuracies (mean per-class recall); the probe splits and held-out "
+        "subjects are fixed across seeds, so the sd reflects training only."
+    )
+    figures = results.get("figures", [])
+    if figures:
+        out += ["", "## Figures", ""]
+        out += [f"![{name}]({name})" for name in figures]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,187 @@
+"""The benchmark end to end: output schema, resumption, first-stage reuse and the joint reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from invcoss_core.evaluation.bench import BenchError, finish_stage, run_bench
+from invcoss_core.evaluation.data import TensorImages, load_bench_data
+from invcoss_core.evaluation.joint import JointReplay
+from invcoss_core.evaluation.probes import ProbeSettings
+from invcoss_core.evaluation.recon import ReconSettings
+from invcoss_core.evaluation.settings import METHODS, BenchSettings, bench_settings
+from invcoss_core.replay import ReplayContext, replay_class
+from invcoss_core.training import run_stage
+from tests.helpers import make_config, structured_images
+from tests.invcoss_core.evaluation.conftest import synthetic_bench_data
+
+FIGURES = ("accuracy_by_stage.png", "recon_by_stage.png", "forgetting.png")
+
+
+def _is_number_or_null(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float))
+
+
+def check_results_schema(results: dict[str, Any], methods: list[str], out: Path) -> None:
+    """What results.json promises (see the issue): the fields, their shapes and types."""
+    tasks, order = results["tasks"], results["modalities"]
+    assert results["task_stage"] == [order.index(m) for m in results["task_modality"]]
+    assert set(results["methods"]) == set(methods)
+    for name, m in results["methods"].items():
+        rows = len(order) if METHODS[name].sequential else 1
+        for key in ("acc", "acc_sd", "acc_knn", "acc_knn_sd"):
+            assert len(m[key]) == rows and all(len(r) == len(tasks) for r in m[key]), (name, key)
+            assert all(_is_number_or_null(v) for r in m[key] for v in r)
+        for key in ("recon", "recon_sd", "recon_refit"):
+            assert len(m[key]) == rows and all(len(r) == len(order) for r in m[key]), (name, key)
+        for key in ("avg_prev", "seconds", "inversion_seconds"):
+            assert isinstance(m[key], float), (name, key)
+        assert _is_number_or_null(m["bwt"])
+        assert (m["bwt"] is None) == (not METHODS[name].sequential)
+        assert isinstance(m["handoff_bytes"], int) and m["handoff_bytes"] > 0
+        assert isinstance(m["replay_bytes_real"], int) and m["replay_bytes_real"] > 0
+        assert not Path(m["final_model"]).is_absolute()
+        assert (out / m["final_model"] / "manifest.json").is_file()
+        final = m["recon"][-1]
+        assert all(v is not None and math.isfinite(v) for v in final), f"{name}: every modality measured at the end"
+        if METHODS[name].sequential:
+            assert m["recon"][0][1] is None, "a modality is not measured before its stage"
+    assert len(results["baselines"]["raw_pixels"]["acc"]) == len(tasks)
+
+
+def _check_outputs(out: Path, methods: list[str]) -> dict[str, Any]:
+    results = json.loads((out / "results.json").read_text())
+    check_results_schema(results, methods, out)
+    report = (out / "report.md").read_text()
+    assert "| method |" in report and "Forgetting" in report
+    for name in methods:
+        assert f"**{name}**" in report
+    for figure in FIGURES:
+        assert (out / figure).stat().st_size > 1000
+    return results
+
+
+def test_tiny_bench_on_sample_data_writes_all_outputs(sample_data: Path, tmp_path: Path) -> None:
+    """The CI smoke run: `invcoss bench --profile tiny --methods finetune,invcoss` on the real sample images."""
+    settings = bench_settings("tiny")
+    data = load_bench_data(
+        sample_data,
+        settings.first_stage_config(0),
+        settings.order,
+        settings.data_seed,
+        settings.probe_tasks,
+        settings.probe_max_per_class,
+    )
+    methods = ["finetune", "invcoss"]
+    run_bench(settings=settings, methods=methods, data=data, out_dir=tmp_path)
+    results = _check_outputs(tmp_path, methods)
+    assert results["methods"]["invcoss"]["inversion_seconds"] > 0
+    assert (tmp_path / "images_ct.png").is_file()
+
+
+def _fast_settings(**changes: Any) -> BenchSettings:
+    return bench_settings(
+        "tiny",
+        **{
+            "stage_steps": (4, 3, 3),
+            "joint_steps": 4,
+            "probes": ProbeSettings(knn_k=3, linear_steps=5),
+            "recon": ReconSettings(max_train=16, max_test=8, masks_per_image=1, decoder_steps=3, decoder_batch=8),
+            **changes,
+        },
+    )
+
+
+def test_bench_schema_for_the_other_baselines_and_resume(tmp_path: Path) -> None:
+    settings = _fast_settings()
+    data = synthetic_bench_data(settings.first_stage_config(0))
+    methods = ["joint", "real_buffer", "ewc"]
+    run_bench(settings=settings, methods=methods, data=data, out_dir=tmp_path, seeds=2)
+    results = _check_outputs(tmp_path, methods)
+    assert results["methods"]["ewc"]["seeds"] == 2
+    stage2 = tmp_path / "runs" / "ewc" / "seed0" / "stage2" / "manifest.json"
+    stamp = stage2.stat().st_mtime_ns
+    again = run_bench(settings=settings, methods=["ewc"], data=data, out_dir=tmp_path, seeds=2, figures=False)
+    assert stage2.stat().st_mtime_ns == stamp, "a finished stage is reused, not trained again"
+    assert again["methods"]["ewc"]["acc"] == results["methods"]["ewc"]["acc"]
+
+
+def test_bench_refuses_an_output_folder_of_other_settings(tmp_path: Path) -> None:
+    settings = _fast_settings()
+    data = synthetic_bench_data(settings.first_stage_config(0))
+    run_bench(settings=settings, methods=["finetune"], data=data, out_dir=tmp_path, figures=False)
+    other = _fast_settings(stage_steps=(5, 3, 3))
+    with pytest.raises(BenchError, match="other settings"):
+        run_bench(settings=other, methods=["finetune"], data=data, out_dir=tmp_path, figures=False)
+
+
+def test_finish_stage_gives_the_products_of_training_with_the_strategy(tmp_path: Path) -> None:
+    """Reusing a trained first stage equals training it with the strategy: same weights, same real buffer."""
+    config = make_config(train={"epochs": 1, "batch_size": 8}, replay={"strategy": "real_buffer"})
+    images = structured_images(40, (1, 16, 16, 16), seed=1)
+    direct = run_stage(
+        config=config, modality="ct", train_data=TensorImages(images), replay=replay_class("real_buffer")()
+    )
+    plain = run_stage(config=config, modality="ct", train_data=TensorImages(images), replay=replay_class("none")())
+    reused, _ = finish_stage(
+        plain.artifact,
+        replay_class("real_buffer")(),
+        config,
+        "ct",
+        images,
+        tmp_path / "s1",
+        "test",
+        torch.device("cpu"),
+    )
+    assert all(torch.equal(direct.artifact.weights[k], v) for k, v in reused.weights.items())
+    assert torch.equal(direct.artifact.extras["real_buffer"]["ct"], reused.extras["real_buffer"]["ct"])
+    assert reused.manifest.replay == "real_buffer"
+
+
+def test_joint_replay_cycles_other_modalities_with_the_mae_objective() -> None:
+    config = make_config()
+    data = {
+        "mri": structured_images(6, (1, 16, 16, 16), seed=2),
+        "pathology": structured_images(6, (3, 16, 16), seed=3),
+    }
+    strategy = JointReplay(data)
+    from invcoss_core.models import build_model
+
+    strategy.begin_stage(ReplayContext(config, "ct", build_model(config.model), None, None, torch.device("cpu")))
+    g = torch.Generator().manual_seed(0)
+    batches = [strategy.sample_batch(step, g) for step in range(4)]
+    assert [b.modality for b in batches if b] == ["mri", "pathology", "mri", "pathology"]
+    assert all(b is not None and b.objective == "mae" for b in batches)
+
+
+def _finetune_entry(rise: float, sd: float, bwt: float, bwt_sd: float) -> dict[str, Any]:
+    nan = None
+    return {
+        "seeds": 3,
+        "per_seed": {"bwt": [bwt] * 3},
+        "recon": [[0.8, nan, nan], [0.9, 0.9, nan], [0.8 + rise, 0.9 + rise, 0.6]],
+        "recon_sd": [[sd, nan, nan], [sd, sd, nan], [sd, sd, sd]],
+        "recon_increase": {"ct": rise, "mri": rise},
+        "recon_increase_sd": {"ct": sd, "mri": sd},
+        "bwt": bwt,
+        "bwt_sd": bwt_sd,
+    }
+
+
+def test_forgetting_is_visible_only_beyond_twice_the_seed_spread() -> None:
+    from invcoss_core.evaluation.bench import forgetting_check
+
+    order, tasks, task_stage = ["ct", "mri", "pathology"], ["a", "b", "c"], [0, 1, 2]
+    clear = forgetting_check(_finetune_entry(0.3, 0.05, -0.08, 0.02), order, tasks, task_stage)
+    assert clear["visible"] is True
+    assert clear["recon"]["ct"]["rise"] == pytest.approx(0.3)
+    noisy = forgetting_check(_finetune_entry(0.3, 0.2, -0.08, 0.02), order, tasks, task_stage)
+    assert noisy["recon_visible"] is False and noisy["visible"] is False
+    helped = forgetting_check(_finetune_entry(0.3, 0.05, 0.05, 0.01), order, tasks, task_stage)
+    assert helped["probe_visible"] is False

@@ -1,0 +1,95 @@
+"""Accuracy-matrix metrics on hand-computed matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from invcoss_core.evaluation.metrics import (
+    MetricError,
+    average_accuracy,
+    avg_prev,
+    backward_transfer,
+    elementwise_mean_sd,
+    forgetting,
+    mean_sd,
+    recon_increase,
+)
+
+NAN = math.nan
+# Three stages; tasks 0, 1 belong to stage 0, task 2 to stage 1, task 3 to stage 2.
+ACC = [
+    [0.80, 0.60, 0.50, 0.40],
+    [0.70, 0.65, 0.90, 0.45],
+    [0.60, 0.50, 0.70, 0.85],
+]
+TASK_STAGE = [0, 0, 1, 2]
+
+
+def test_average_accuracy_counts_only_seen_tasks() -> None:
+    assert average_accuracy(ACC, TASK_STAGE, 0) == pytest.approx((0.80 + 0.60) / 2)
+    assert average_accuracy(ACC, TASK_STAGE, 1) == pytest.approx((0.70 + 0.65 + 0.90) / 3)
+    assert average_accuracy(ACC, TASK_STAGE) == pytest.approx((0.60 + 0.50 + 0.70 + 0.85) / 4)
+
+
+def test_avg_prev_is_the_final_row_on_earlier_tasks() -> None:
+    assert avg_prev(ACC[-1], TASK_STAGE, 3) == pytest.approx((0.60 + 0.50 + 0.70) / 3)
+
+
+def test_avg_prev_scores_a_single_row_reference_on_the_same_tasks() -> None:
+    joint_row = [0.9, 0.8, 0.7, 0.6]
+    assert avg_prev(joint_row, TASK_STAGE, 3) == pytest.approx(0.8)
+
+
+def test_backward_transfer_hand_computed() -> None:
+    # (0.60 - 0.80) + (0.50 - 0.60) + (0.70 - 0.90) = -0.50 over 3 earlier tasks.
+    assert backward_transfer(ACC, TASK_STAGE) == pytest.approx(-0.50 / 3)
+
+
+def test_backward_transfer_positive_when_later_stages_help() -> None:
+    acc = [[0.5, 0.1], [0.7, 0.9]]
+    assert backward_transfer(acc, [0, 1]) == pytest.approx(0.2)
+
+
+def test_backward_transfer_of_one_stage_is_nan() -> None:
+    assert math.isnan(backward_transfer([[0.5, 0.6]], [0, 0]))
+
+
+def test_forgetting_uses_the_best_earlier_accuracy() -> None:
+    # task 1 peaked at 0.65 after stage 1: forgetting 0.65 - 0.50.
+    assert forgetting(ACC, TASK_STAGE)[:3] == pytest.approx([0.20, 0.15, 0.20])
+    assert math.isnan(forgetting(ACC, TASK_STAGE)[3])
+
+
+def test_recon_increase_from_own_stage_to_the_end() -> None:
+    recon = [[0.50, NAN, NAN], [0.60, 0.40, NAN], [0.70, 0.45, 0.30]]
+    rise = recon_increase(recon, [0, 1, 2])
+    assert rise[:2] == pytest.approx([0.20, 0.05])
+    assert math.isnan(rise[2])
+
+
+def test_metrics_ignore_unmeasured_cells() -> None:
+    acc = [[0.8, NAN], [0.6, 0.9]]
+    assert average_accuracy(acc, [0, 1], 0) == pytest.approx(0.8)
+
+
+def test_mismatched_stage_assignment_is_refused() -> None:
+    with pytest.raises(MetricError, match="one stage per column"):
+        backward_transfer(ACC, [0, 1])
+    with pytest.raises(MetricError, match="outside"):
+        backward_transfer(ACC, [0, 0, 1, 5])
+
+
+def test_mean_sd_uses_sample_sd_and_skips_nan() -> None:
+    stat = mean_sd([1.0, 2.0, 3.0, NAN])
+    assert (stat.mean, stat.sd, stat.n) == (pytest.approx(2.0), pytest.approx(1.0), 3)
+    assert mean_sd([4.0]).sd == 0.0
+    assert math.isnan(mean_sd([]).mean)
+
+
+def test_elementwise_mean_sd_over_seeds() -> None:
+    mean, sd = elementwise_mean_sd([[[1.0, NAN]], [[3.0, NAN]]])
+    assert mean[0, 0] == pytest.approx(2.0)
+    assert sd[0, 0] == pytest.approx(math.sqrt(2.0))
+    assert math.isnan(mean[0, 1])
