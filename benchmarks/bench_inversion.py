@@ -35,25 +35,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
 
 from invcoss_core.config import StageConfig, build_config
+from invcoss_core.data import TensorImages
 from invcoss_core.inversion.synthesize import Synthesizer, mean_pairwise_cosine
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.training import load_student, run_stage
 
 METHODS = ("generator", "pixels")
-
-
-class _Images(Dataset[torch.Tensor]):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
 
 
 def _structured(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -82,7 +71,7 @@ def _config(profile: str, quick: bool) -> StageConfig:
 
 def prepare(cfg: StageConfig, modality: str, path: Path, samples: int) -> None:
     """Train the frozen model briefly on structured images and save its weights and statistics."""
-    data = _Images(_structured(samples, cfg.model.spec(modality).input_shape, seed=0))
+    data = TensorImages(_structured(samples, cfg.model.spec(modality).input_shape, seed=0))
     result = run_stage(config=cfg, modality=modality, train_data=data)
     model = load_student(result.artifact)
     tensors = {f"w.{k}": v.contiguous() for k, v in model.state_dict().items()}

@@ -17,19 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from invcoss_core.config import StageConfig, build_config
+from invcoss_core.data import TensorImages
 from invcoss_core.replay import NoReplay
 from invcoss_core.training.stage import seeded_model, train_stage
-
-
-class _Images(Dataset[torch.Tensor]):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
 
 
 def bare_loop(cfg: StageConfig, modality: str, batch: torch.Tensor, steps: int, device: torch.device) -> float:
@@ -92,7 +82,7 @@ def main() -> None:
     spec = cfg.model.spec(args.modality)
     bs = base.train.batch_size
     g = torch.Generator().manual_seed(0)
-    data = _Images(torch.rand(bs * steps_per_epoch, *spec.input_shape, generator=g))
+    data = TensorImages(torch.rand(bs * steps_per_epoch, *spec.input_shape, generator=g))
     batch = data.images[:bs]
     steps = steps_per_epoch * args.epochs
     torch.set_num_threads(torch.get_num_threads())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,10 +11,10 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from invcoss_core.artifact import ArtifactError, read_artifact_dir
+from invcoss_core.cli_support import console, fail, setup_logging
 from invcoss_core.config import PROFILES, ConfigError, load_config
 from invcoss_core.models import ModelInputError
 from invcoss_core.progress import rich_progress
@@ -24,7 +23,6 @@ from invcoss_core.signing import SigningKeyError, load_public_key
 from invcoss_core.training import StageError, load_student, run_stage
 from invcoss_core.training.checkpoint import CheckpointError
 
-console = Console(stderr=True)
 app = typer.Typer(
     name="invcoss",
     help=(
@@ -48,22 +46,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ReplayError,
     FileNotFoundError,
 )
-
-
-def setup_logging(level: str) -> None:
-    """Configure root logging once for a CLI process (library modules only get loggers)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error for the operator and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,6 +113,7 @@ def stage(
     """
     from invcoss_core.data import SiteDataError, load_site_dataset
 
+    stage_errors: tuple[type[Exception], ...] = (*USER_ERRORS, SiteDataError)
     setup_logging(log_level)
     overrides: dict[str, Any] = {}
     if replay is not None:
@@ -170,7 +153,7 @@ def stage(
                 device=resolve_device(device),
                 events=sink,
             )
-    except (*USER_ERRORS, SiteDataError) as err:
+    except stage_errors as err:
         raise fail(str(err)) from None
     _print_stage_summary(result.artifact.manifest.model_dump(mode="json"), result.artifact.sha256, out, result)
 

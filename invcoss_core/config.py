@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ MODALITIES: tuple[str, ...] = ("ct", "mri", "pathology", "xray")
 ProfileName = Literal["tiny", "small", "base"]
 ReplayName = Literal["none", "real_buffer", "ewc", "inversion", "pixel_inversion"]
 PROFILES: tuple[str, ...] = ("tiny", "small", "base")
+_ATOMIC_KEYS = ("modalities",)  # an override's `model.modalities` replaces the preset's set, it does not add to it
 
 
 class ConfigError(ValueError):
@@ -284,22 +286,41 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any], atomic_keys: Collection[str] = ()) -> dict[str, Any]:
+    """`override` on top of `base`, merging nested tables key by key (neither input is changed).
+
+    Args:
+        base: the lower layer, e.g. a profile preset or the plan's defaults.
+        override: the upper layer; its values win.
+        atomic_keys: keys whose tables replace the lower table whole instead of merging into it.
+    Returns:
+        the merged mapping.
+    """
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "modalities":
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in atomic_keys:
+            merged[key] = deep_merge(merged[key], value, atomic_keys)
         else:
             merged[key] = value
     return merged
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the key, under a header naming the file.
+
+    Args:
+        err: pydantic's error for one validated mapping.
+        source: where the mapping came from (a file path, or e.g. "stage 2 of the plan").
+    Returns:
+        a multi-line message for a ConfigError.
+    """
     lines = [f"invalid configuration in {source}:"]
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}': check its spelling against the documented keys")
+        elif item["type"] == "missing":
+            lines.append(f"  - '{key}' is required")
         else:
             lines.append(f"  - '{key}': {item['msg']}")
     return "\n".join(lines)
@@ -313,7 +334,7 @@ def preset(profile: str) -> dict[str, Any]:
     """
     if profile not in _PRESETS:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return _deep_merge({"profile": profile}, _PRESETS[profile])
+    return deep_merge({"profile": profile}, _PRESETS[profile], _ATOMIC_KEYS)
 
 
 def build_config(
@@ -331,11 +352,11 @@ def build_config(
     """
     overrides = dict(overrides or {})
     profile = str(overrides.get("profile", profile))
-    merged = _deep_merge(preset(profile), overrides)
+    merged = deep_merge(preset(profile), overrides, _ATOMIC_KEYS)
     try:
         return StageConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -366,5 +387,5 @@ def load_config(path: Path | None, profile: str = "tiny", overrides: dict[str, A
     """
     data: dict[str, Any] = read_toml(path) if path is not None else {}
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides, _ATOMIC_KEYS)
     return build_config(profile, data, source=str(path) if path else "<defaults>")

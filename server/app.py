@@ -14,9 +14,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from invcoss_core.eventlog import emit_event
 from server.codec import FlowerGrid
 from server.config import FederationConfig
-from server.metrics import emit
 from server.plan import PlanRunner
 from server.state import StateLayout
 
@@ -50,6 +50,6 @@ def main(grid: Grid, context: Context) -> None:
     layout = StateLayout(Path(state_dir))
     _configure_logging(layout)
     config = FederationConfig.model_validate_json(layout.plan_file.read_text())
-    emit(layout.events, "serverapp_started", serverapp_pid=os.getpid(), flower_run_id=int(context.run_id))
+    emit_event(layout.events, "serverapp_started", serverapp_pid=os.getpid(), flower_run_id=int(context.run_id))
     state = PlanRunner(config, layout, FlowerGrid(grid)).run()
-    emit(layout.events, "serverapp_finished", status=state.status)
+    emit_event(layout.events, "serverapp_finished", status=state.status)

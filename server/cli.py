@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import time
@@ -13,9 +12,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
+from invcoss_core.cli_support import console, fail, setup_logging
 from invcoss_core.config import ConfigError
 from server.config import FederationConfig, check_site_name, load_federation_config
 from server.coordinator import Coordinator, CoordinatorError
@@ -24,7 +23,6 @@ from server.pki import DEFAULT_SANS, CertificateError, certificate_sans, create_
 from server.state import StateError, StateLayout, load_state
 from server.superlink import ControlApi, SuperLinkError
 
-console = Console(stderr=True)
 app = typer.Typer(
     name="invcoss-server",
     help=(
@@ -38,23 +36,6 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The coordinator's federation.toml.")]
-
-
-def setup_logging(level: str) -> None:
-    """Configure logging for this CLI process only."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Control API request is noise
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print an error line and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 def _load(config: Path) -> FederationConfig:
@@ -84,7 +65,7 @@ def serve(
     if config is None:
         console.print(ctx.get_help())
         raise fail("--config federation.toml is required to run the coordinator")
-    setup_logging(log_level)
+    setup_logging(log_level, quiet=("httpx",))  # one line per Control API request is noise
     cfg = _load(config)
     coordinator = Coordinator(
         cfg, say=lambda line: console.print(f"{time.strftime('%H:%M:%S')} [cyan]coordinator[/] {line}")

@@ -1,80 +1,62 @@
-"""The coordinator's only Flower-types module: artifacts and stage requests ↔ Flower messages, and the Grid adapter.
+"""The coordinator's only Flower-types module: stage requests and replies ↔ Flower messages, and the Grid adapter.
 
-Wire protocol (version 1; `site_client/codec.py` is the other half, a test checks both agree):
-
-* ``train.stage`` request: ``artifact`` ArrayRecord {file name: raw file bytes as a uint8 Array with stype
-  ``invcoss.file``} holding the parent artifact (empty for stage 1) and ``stage`` ConfigRecord with run_id,
-  stage_index, site, modality, profile, settings (JSON StageConfig overrides), attempt, and what the site needs to
-  verify the parent: parent_sha256, parent_site, parent_parent_sha256 and parent_public_key (the producing site's
-  enrolled OpenSSH key).
-* reply: ``artifact`` (the new artifact's files), ``result`` ConfigRecord (status ok / refused / failed, error,
-  artifact_sha256, reused, resumed_from_epoch) and ``metrics`` MetricRecord (epoch_losses, seconds, ...).
-* ``query.site`` → ``site`` ConfigRecord (site, modality).
-
-Nothing is pickled: files travel as raw bytes and are parsed by `invcoss_core.artifact.decode_artifact`.
+The wire schema (record names, fields, version, the plain request and reply types) is
+`invcoss_core.protocol`; `site_client/codec.py` is the other half. This module only turns it into Flower records
+(`ArrayRecord`, `ConfigRecord`, `Message`) and back, and wraps the ServerApp's Grid.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from invcoss_core.protocol import (
+    ARTIFACT_RECORD,
+    FILE_STYPE,
+    METRICS_RECORD,
+    PROTOCOL_VERSION,
+    QUERY_MESSAGE,
+    RESULT_RECORD,
+    SITE_RECORD,
+    STAGE_MESSAGE,
+    STAGE_RECORD,
+    ProtocolError,
+    StageReply,
+    StageRequest,
+    check_file_array,
+    parse_reply,
+    stage_fields,
+)
+
+__all__ = [
+    "ARTIFACT_RECORD",
+    "FILE_STYPE",
+    "METRICS_RECORD",
+    "PROTOCOL_VERSION",
+    "QUERY_MESSAGE",
+    "RESULT_RECORD",
+    "SITE_RECORD",
+    "STAGE_MESSAGE",
+    "STAGE_RECORD",
+    "FlowerGrid",
+    "NodeView",
+    "ProtocolError",
+    "Received",
+    "StageReply",
+    "StageRequest",
+    "build_stage_message",
+    "describe_nodes",
+    "files_to_record",
+    "parse_stage_reply",
+    "record_to_files",
+]
+
 logger = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = 1
-FILE_STYPE = "invcoss.file"
-STAGE_MESSAGE = "train.stage"
-QUERY_MESSAGE = "query.site"
-ARTIFACT_RECORD = "artifact"
-STAGE_RECORD = "stage"
-RESULT_RECORD = "result"
-METRICS_RECORD = "metrics"
-SITE_RECORD = "site"
-
-
-class ProtocolError(ValueError):
-    """A message does not follow the InvCoSS wire protocol."""
-
-
-@dataclass(frozen=True)
-class StageRequest:
-    """What the coordinator asks a site to do in one stage."""
-
-    run_id: str
-    stage_index: int
-    site: str
-    modality: str | None
-    profile: str
-    settings: dict[str, Any]  # StageConfig overrides of the plan
-    attempt: int
-    parent_sha256: str | None = None
-    parent_site: str | None = None
-    parent_parent_sha256: str | None = None
-    parent_public_key: str | None = None  # OpenSSH public key of the producing site
-
-
-@dataclass(frozen=True)
-class StageReply:
-    """A site's answer to a stage request."""
-
-    status: str  # "ok", "refused" (verification / policy) or "failed" (the stage could not run)
-    error: str
-    files: dict[str, bytes]
-    artifact_sha256: str | None
-    reused: bool = False
-    resumed_from_epoch: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    epoch_losses: list[float] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
 
 @dataclass(frozen=True)
@@ -114,36 +96,16 @@ def record_to_files(record: ArrayRecord) -> dict[str, bytes]:
     """
     files: dict[str, bytes] = {}
     for name, array in record.items():
-        if array.stype != FILE_STYPE or array.dtype != "uint8" or tuple(array.shape) != (len(array.data),):
-            raise ProtocolError(f"array {name!r} is not an artifact file (stype {array.stype!r})")
+        check_file_array(name, array.stype, array.dtype, tuple(array.shape), len(array.data))
         files[name] = bytes(array.data)
     return files
 
 
-def payload_bytes(files: Mapping[str, bytes]) -> int:
-    """Total artifact bytes of a message."""
-    return sum(len(b) for b in files.values())
-
-
 def build_stage_message(request: StageRequest, parent_files: Mapping[str, bytes], node_id: int, ttl: float) -> Message:
-    """The `train.stage` message of one stage attempt."""
-    stage = ConfigRecord(
-        {
-            "protocol": PROTOCOL_VERSION,
-            "run_id": request.run_id,
-            "stage_index": request.stage_index,
-            "site": request.site,
-            "modality": request.modality or "",
-            "profile": request.profile,
-            "settings": json.dumps(request.settings, sort_keys=True),
-            "attempt": request.attempt,
-            "parent_sha256": request.parent_sha256 or "",
-            "parent_site": request.parent_site or "",
-            "parent_parent_sha256": request.parent_parent_sha256 or "",
-            "parent_public_key": request.parent_public_key or "",
-        }
+    """The `train.stage` message of one stage attempt (`parent_files`: the verified parent artifact)."""
+    content = RecordDict(
+        {ARTIFACT_RECORD: files_to_record(parent_files), STAGE_RECORD: ConfigRecord(stage_fields(request))}
     )
-    content = RecordDict({ARTIFACT_RECORD: files_to_record(parent_files), STAGE_RECORD: stage})
     return Message(
         content,
         dst_node_id=node_id,
@@ -151,11 +113,6 @@ def build_stage_message(request: StageRequest, parent_files: Mapping[str, bytes]
         group_id=f"{request.run_id}/stage-{request.stage_index}",
         ttl=ttl,
     )
-
-
-def _str(record: ConfigRecord, key: str) -> str:
-    value = record.get(key, "")
-    return value if isinstance(value, str) else str(value)
 
 
 def parse_stage_reply(message: Message) -> StageReply:
@@ -167,30 +124,9 @@ def parse_stage_reply(message: Message) -> StageReply:
     content = message.content
     if RESULT_RECORD not in content.config_records:
         raise ProtocolError("the reply has no 'result' record")
-    result = content.config_records[RESULT_RECORD]
-    status = _str(result, "status")
-    if status not in ("ok", "refused", "failed"):
-        raise ProtocolError(f"unknown reply status {status!r}")
+    reply = parse_reply(content.config_records[RESULT_RECORD], content.metric_records.get(METRICS_RECORD, {}))
     files = record_to_files(content.array_records[ARTIFACT_RECORD]) if ARTIFACT_RECORD in content.array_records else {}
-    metrics: dict[str, float] = {}
-    losses: list[float] = []
-    if METRICS_RECORD in content.metric_records:
-        for key, value in content.metric_records[METRICS_RECORD].items():
-            if isinstance(value, list):
-                if key == "epoch_losses":
-                    losses = [float(v) for v in value]
-            else:
-                metrics[key] = float(value)
-    return StageReply(
-        status=status,
-        error=_str(result, "error"),
-        files=files,
-        artifact_sha256=_str(result, "artifact_sha256") or None,
-        reused=bool(result.get("reused", False)),
-        resumed_from_epoch=int(result.get("resumed_from_epoch", 0)),  # type: ignore[arg-type]
-        metrics=metrics,
-        epoch_losses=losses,
-    )
+    return dataclasses.replace(reply, files=files)
 
 
 # Flower's error codes (flwr.common.constant.ErrorCode) in operator terms.

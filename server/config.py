@@ -24,7 +24,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from invcoss_core.config import MODALITIES, ConfigError, ProfileName, StageConfig, build_config, read_toml
+from invcoss_core.config import (
+    MODALITIES,
+    ConfigError,
+    ProfileName,
+    StageConfig,
+    build_config,
+    deep_merge,
+    format_validation_error,
+    read_toml,
+)
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -135,7 +144,7 @@ class FederationConfig(_Frozen):
 
     def stage_overrides(self, index: int) -> dict[str, Any]:
         """The StageConfig overrides sent to the site of stage `index` (1-based): defaults, then the stage's."""
-        return _deep_merge(self.defaults, self.stages[index - 1].overrides)
+        return deep_merge(self.defaults, self.stages[index - 1].overrides)
 
     def stage_config(self, index: int) -> StageConfig:
         """The validated StageConfig of stage `index` as the coordinator plans it (sites may add local settings).
@@ -156,28 +165,6 @@ class FederationConfig(_Frozen):
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem, each naming the key, under a header naming the file."""
-    lines = [f"invalid configuration in {source}:"]
-    for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}': check its spelling against the documented keys")
-        else:
-            lines.append(f"  - '{key}': {item['msg']}")
-    return "\n".join(lines)
 
 
 def _resolve(base: Path, path: Path) -> Path:

@@ -20,9 +20,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from invcoss_core.eventlog import EventTailer
+from invcoss_core.processes import pid_alive
 from server.config import FederationConfig
 from server.handoff import EnrollmentError
-from server.metrics import CoordinatorMetrics, EventTailer, serve_metrics
+from server.metrics import CoordinatorMetrics, serve_metrics
 from server.pki import CertificatePaths
 from server.state import (
     RunState,
@@ -66,21 +68,6 @@ class _ServerAppWatch:
     pid: int | None = None
     finished: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie — exited, not yet reaped by its parent — counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def check_ready(config: FederationConfig, layout: StateLayout) -> None:
@@ -289,7 +276,7 @@ class Coordinator:
         with self.watch.lock:
             pid, finished = self.watch.pid, self.watch.finished
         if pid is not None:
-            return finished or not _pid_alive(pid)
+            return finished or not pid_alive(pid)
         if time.monotonic() - submitted_at < SERVERAPP_START_GRACE_S:
             return False
         status = self.control.run_status(self.watch.flower_run_id or 0)

@@ -20,9 +20,9 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
 
 from invcoss_core.artifact import ArtifactError, check_lineage, decode_artifact, read_artifact_files
+from invcoss_core.cli_support import console, fail
 from invcoss_core.signing import load_public_key
 from server.localfed import FederationTimeoutError, LocalFederation, LocalSite
 from server.state import StateLayout
@@ -327,13 +327,11 @@ def demo_command(
     TLS and node authentication on, real sample images, inversion replay; then audits every site's outbound
     messages against its real data and writes OUT/report.json, OUT/report.md and PNGs.
     """
-    console = Console(stderr=True)
     say = lambda line: console.print(f"{time.strftime('%H:%M:%S')} [bold green]demo[/] {line}")  # noqa: E731
     try:
         report = run_demo(out.resolve(), profile, say)
     except FederationTimeoutError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(1) from None
+        raise fail(str(err), code=1) from None
     say(
         f"{report['status']} in {report['wall_seconds']} s; real image tensors out: "
         f"{report['audit']['real_image_tensors_out']}; artifacts verified: {report['security']['artifacts_verified']}"

@@ -23,6 +23,7 @@ from typing import Any
 
 import tomli_w
 
+from invcoss_core.processes import executable
 from invcoss_core.signing import generate_private_key, private_key_openssh, public_key_openssh
 from server.config import load_federation_config
 from server.handoff import enroll_key
@@ -39,11 +40,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _script(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 @dataclass(frozen=True)
@@ -165,12 +161,12 @@ class LocalFederation:
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
         """Start `invcoss-server --config federation.toml` (own process group)."""
-        return self._spawn("coordinator", [_script("invcoss-server"), "--config", str(self.federation_toml), *extra])
+        return self._spawn("coordinator", [executable("invcoss-server"), "--config", str(self.federation_toml), *extra])
 
     def start_site(self, name: str) -> subprocess.Popen[bytes]:
         """Start `invcoss-client --site NAME --config site.toml` (own process group)."""
         return self._spawn(
-            f"site-{name}", [_script("invcoss-client"), "--site", name, "--config", str(self.site_toml(name))]
+            f"site-{name}", [executable("invcoss-client"), "--site", name, "--config", str(self.site_toml(name))]
         )
 
     def start_all(self) -> None:
@@ -285,7 +281,7 @@ class LocalFederation:
             if site.name != name
             for arg in ("--also-audit-log", str(self.site_work(site.name) / "audit.jsonl"))
         ]
-        cmd = [_script("invcoss-client"), "audit", "--site", name, "--config", str(self.site_toml(name)), "--json"]
+        cmd = [executable("invcoss-client"), "audit", "--site", name, "--config", str(self.site_toml(name)), "--json"]
         done = subprocess.run([*cmd, *others], capture_output=True, timeout=900, check=False, env=_env())
         if done.returncode not in (0, 1) or not done.stdout.strip():
             raise RuntimeError(f"audit of site {name} failed: {done.stderr.decode()[-800:]}")

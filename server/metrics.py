@@ -1,90 +1,16 @@
 """Coordinator metrics: the ServerApp writes events to `events.jsonl`; `invcoss-server` tails them into Prometheus.
 
 The ServerApp is a short-lived process started by the SuperLink, so it cannot serve `/metrics` itself. It appends
-one JSON line per event (`emit`); the long-lived `invcoss-server` process follows the file (`EventTailer`) and
-updates its registry (`CoordinatorMetrics`), served by `serve_metrics`. Event fields are counts, seconds, bytes,
-site names and hashes — never patient data.
+one JSON line per event (`invcoss_core.eventlog.emit_event`); the long-lived `invcoss-server` process follows the
+file (`invcoss_core.eventlog.EventTailer`) and updates its registry (`CoordinatorMetrics`), served by
+`serve_metrics`. Event fields are counts, seconds, bytes, site names and hashes — never patient data.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from server.state import append_jsonl
-
-logger = logging.getLogger(__name__)
-
-EventHandler = Callable[[dict[str, Any]], None]
-
-
-def emit(path: Path, kind: str, **fields: Any) -> None:
-    """Append one event line (`time`, `kind`, `pid`, fields) to an events file."""
-    append_jsonl(path, {"time": time.time(), "kind": kind, "pid": os.getpid(), **fields})
-
-
-class EventTailer:
-    """Follows an append-only JSONL file from a background thread and hands each new event to a handler."""
-
-    def __init__(self, path: Path, handler: EventHandler, interval_s: float = 0.5, from_start: bool = False) -> None:
-        self.path = Path(path)
-        self.handler = handler
-        self.interval_s = interval_s
-        self._offset = 0 if from_start or not self.path.exists() else self.path.stat().st_size
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"tail-{self.path.name}", daemon=True)
-
-    def start(self) -> EventTailer:
-        """Start following; returns self."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop following after a last read."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.poll()
-
-    def poll(self) -> int:
-        """Read and dispatch complete lines written since the last call; returns how many events were handled."""
-        if not self.path.exists():
-            return 0
-        size = self.path.stat().st_size
-        if size < self._offset:  # truncated or replaced: start over
-            self._offset = 0
-        if size == self._offset:
-            return 0
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read(size - self._offset)
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return 0
-        self._offset += end + 1
-        handled = 0
-        for line in chunk[: end + 1].splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            try:
-                self.handler(event)
-                handled += 1
-            except Exception:  # a bad event must not stop the metrics thread
-                logger.exception("metrics: cannot apply event %s", event.get("kind"))
-        return handled
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
 
 
 class CoordinatorMetrics:

@@ -18,16 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from invcoss_core.artifact import Artifact, ArtifactError, write_artifact_dir
+from invcoss_core.eventlog import emit_event
+from invcoss_core.protocol import ProtocolError, StageReply, StageRequest, payload_bytes
 from invcoss_core.signing import public_key_openssh
-from server.codec import (
-    NodeView,
-    ProtocolError,
-    Received,
-    StageReply,
-    StageRequest,
-    describe_nodes,
-    payload_bytes,
-)
+from server.codec import NodeView, Received, describe_nodes
 from server.config import FederationConfig
 from server.handoff import (
     EnrollmentError,
@@ -37,7 +31,6 @@ from server.handoff import (
     publish_final_model,
     verify_stage_artifact,
 )
-from server.metrics import emit
 from server.state import (
     RunState,
     StageRecord,
@@ -96,7 +89,7 @@ class PlanRunner:
 
     # -- events and state -------------------------------------------------------------------------------------
     def _emit(self, kind: str, **fields: Any) -> None:
-        emit(self.layout.events, kind, **fields)
+        emit_event(self.layout.events, kind, **fields)
 
     def _update_stage(self, index: int, **changes: Any) -> RunState:
         def change(state: RunState) -> RunState:

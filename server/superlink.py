@@ -12,10 +12,8 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +41,7 @@ from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+from invcoss_core.processes import child_env, executable, terminate_tree
 from server.config import FederationConfig
 from server.pki import CertificatePaths
 from server.state import StateLayout, atomic_write
@@ -57,86 +56,11 @@ class SuperLinkError(RuntimeError):
     """The SuperLink or a `flwr` command failed; the message says what happened and where the log is."""
 
 
-def executable(name: str) -> str:
-    """Path of a console script installed next to this Python (the venv), else the bare name (PATH lookup)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def flower_env(layout: StateLayout) -> dict[str, str]:
     """Environment for Flower processes: FLWR_HOME in the state folder, telemetry and update checks off."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(layout.flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
+    return child_env(
+        {"FLWR_HOME": str(layout.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     )
-    return env
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (children first level first), read from /proc; empty where /proc is absent."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        nxt = []
-        for parent in frontier:
-            for child in children.get(parent, []):
-                found.append(child)
-                nxt.append(child)
-        frontier = nxt
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie — exited, not yet reaped by its parent — counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
-
-
-def terminate_tree(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """SIGTERM a process and every descendant (also those in other sessions), then SIGKILL what is left."""
-    tree = [process.pid, *descendants(process.pid)]
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        process.poll()
-        if not any(_alive(p) for p in tree if p != process.pid) and process.returncode is not None:
-            return
-        time.sleep(0.1)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
 
 
 @dataclass

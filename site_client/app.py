@@ -17,13 +17,12 @@ from flwr.clientapp import ClientApp
 from invcoss_core.artifact import ArtifactError
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SiteDataError
+from invcoss_core.protocol import ProtocolError, StageReply
 from invcoss_core.signing import SigningKeyError, load_private_key
 from invcoss_core.training import StageError
 from site_client.audit import AUDIT_FILE, AuditLog
 from site_client.codec import (
     OutboundMessage,
-    ProtocolError,
-    StageResponse,
     build_site_reply,
     build_stage_reply,
     message_id,
@@ -101,15 +100,15 @@ def stage(msg: Message, context: Context) -> Message:
         response = run_site_stage(cfg, request, private_key, events)
     except (RefusedError, ProtocolError) as err:
         logger.error("stage %d refused: %s", stage_index, err)
-        response = StageResponse(status="refused", error=str(err))
+        response = StageReply(status="refused", error=str(err))
     except (SiteDataError, OSError) as err:  # may name local files: details stay in the site log
         logger.error("stage %d failed on site data: %s", stage_index, err)
-        response = StageResponse(
+        response = StageReply(
             status="failed", error=f"{type(err).__name__}: site data or files unusable (details in the site's log)"
         )
     except (ConfigError, StageError, ArtifactError, SigningKeyError, ValueError) as err:
         logger.error("stage %d failed: %s", stage_index, err)
-        response = StageResponse(status="failed", error=f"{type(err).__name__}: {err}")
+        response = StageReply(status="failed", error=f"{type(err).__name__}: {err}")
     seconds = time.perf_counter() - started
     events.emit(
         "stage_finished",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -14,18 +13,17 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 
+from invcoss_core.cli_support import console, fail, setup_logging
 from invcoss_core.config import ConfigError, StageConfig, build_config
+from invcoss_core.eventlog import EventTailer
 from invcoss_core.signing import generate_private_key, load_private_key, private_key_openssh, public_key_openssh
 from site_client.app import EVENTS_FILE
 from site_client.audit import AUDIT_FILE, AuditLog, measure_leaks, real_data_digests
 from site_client.config import SITE_NAME, SiteConfig, load_site_config
-from site_client.metrics import EventTailer, SiteMetrics, serve_metrics
+from site_client.metrics import SiteMetrics, serve_metrics
 from site_client.supernode import SiteClientError, StageWatch, SuperNodeProcess, supervise
 
-console = Console(stderr=True)
 app = typer.Typer(
     name="invcoss-client",
     help=(
@@ -38,22 +36,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def setup_logging(level: str) -> None:
-    """Configure logging for this CLI process only."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print an error line and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 def _load(config: Path, site: str | None) -> SiteConfig:

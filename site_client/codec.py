@@ -1,64 +1,59 @@
 """The site's only Flower-types module: stage requests and replies ↔ Flower messages.
 
-The wire protocol is described in `server/codec.py` (the coordinator's half); a test checks that both halves
-use the same record names and version. Artifact files travel as raw bytes in uint8 Arrays of stype
+The wire schema (record names, fields, version, the plain request and reply types) is `invcoss_core.protocol`;
+`server/codec.py` is the coordinator's half. Artifact files travel as raw bytes in uint8 Arrays of stype
 ``invcoss.file``; nothing is unpickled, and files are parsed only by `invcoss_core.artifact.decode_artifact`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-PROTOCOL_VERSION = 1
-FILE_STYPE = "invcoss.file"
-STAGE_MESSAGE = "train.stage"
-QUERY_MESSAGE = "query.site"
-ARTIFACT_RECORD = "artifact"
-STAGE_RECORD = "stage"
-RESULT_RECORD = "result"
-METRICS_RECORD = "metrics"
-SITE_RECORD = "site"
+from invcoss_core.protocol import (
+    ARTIFACT_RECORD,
+    FILE_STYPE,
+    METRICS_RECORD,
+    PROTOCOL_VERSION,
+    QUERY_MESSAGE,
+    RESULT_RECORD,
+    SITE_RECORD,
+    STAGE_MESSAGE,
+    STAGE_RECORD,
+    ProtocolError,
+    StageReply,
+    StageRequest,
+    check_file_array,
+    metric_fields,
+    parse_stage_fields,
+    payload_bytes,
+    result_fields,
+    site_fields,
+)
 
-
-class ProtocolError(ValueError):
-    """A message does not follow the InvCoSS wire protocol."""
-
-
-@dataclass(frozen=True)
-class StageRequest:
-    """A `train.stage` request as the site sees it (plain Python types)."""
-
-    run_id: str
-    stage_index: int
-    site: str
-    modality: str | None
-    profile: str
-    settings: dict[str, Any]
-    attempt: int
-    parent_sha256: str | None
-    parent_site: str | None
-    parent_parent_sha256: str | None
-    parent_public_key: str | None
-    files: dict[str, bytes]  # the parent artifact (empty for stage 1)
-
-
-@dataclass(frozen=True)
-class StageResponse:
-    """What the site answers to one stage request."""
-
-    status: str  # "ok", "refused" or "failed"
-    error: str = ""
-    files: dict[str, bytes] = field(default_factory=dict)
-    artifact_sha256: str | None = None
-    reused: bool = False
-    resumed_from_epoch: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    epoch_losses: list[float] = field(default_factory=list)
+__all__ = [
+    "ARTIFACT_RECORD",
+    "FILE_STYPE",
+    "METRICS_RECORD",
+    "PROTOCOL_VERSION",
+    "QUERY_MESSAGE",
+    "RESULT_RECORD",
+    "SITE_RECORD",
+    "STAGE_MESSAGE",
+    "STAGE_RECORD",
+    "OutboundMessage",
+    "ProtocolError",
+    "StageReply",
+    "StageRequest",
+    "build_site_reply",
+    "build_stage_reply",
+    "message_id",
+    "parse_stage_request",
+    "request_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -78,19 +73,13 @@ class OutboundMessage:
     @property
     def bytes(self) -> int:
         """Bytes of array payload."""
-        return sum(len(b) for b in self.arrays.values())
-
-
-def _opt(record: ConfigRecord, key: str) -> str | None:
-    value = record.get(key, "")
-    return str(value) if value not in ("", None) else None
+        return payload_bytes(self.arrays)
 
 
 def _files(record: ArrayRecord) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for name, array in record.items():
-        if array.stype != FILE_STYPE or array.dtype != "uint8" or tuple(array.shape) != (len(array.data),):
-            raise ProtocolError(f"array {name!r} is not an artifact file (stype {array.stype!r})")
+        check_file_array(name, array.stype, array.dtype, tuple(array.shape), len(array.data))
         files[name] = bytes(array.data)
     return files
 
@@ -104,34 +93,9 @@ def parse_stage_request(message: Message) -> StageRequest:
     content = message.content
     if STAGE_RECORD not in content.config_records:
         raise ProtocolError("the stage request has no 'stage' record")
-    stage = content.config_records[STAGE_RECORD]
-    if stage.get("protocol") != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {stage.get('protocol')!r} is not {PROTOCOL_VERSION}; update invcoss on this site"
-        )
-    try:
-        settings = json.loads(str(stage.get("settings", "{}")))
-        stage_index = int(stage["stage_index"])  # type: ignore[arg-type]
-        attempt = int(stage.get("attempt", 1))  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError) as err:
-        raise ProtocolError(f"malformed stage record: {err}") from None
-    if not isinstance(settings, dict):
-        raise ProtocolError("stage settings must be a JSON object")
+    request = parse_stage_fields(content.config_records[STAGE_RECORD])
     files = _files(content.array_records[ARTIFACT_RECORD]) if ARTIFACT_RECORD in content.array_records else {}
-    return StageRequest(
-        run_id=str(stage.get("run_id", "")),
-        stage_index=stage_index,
-        site=str(stage.get("site", "")),
-        modality=_opt(stage, "modality"),
-        profile=str(stage.get("profile", "tiny")),
-        settings=settings,
-        attempt=attempt,
-        parent_sha256=_opt(stage, "parent_sha256"),
-        parent_site=_opt(stage, "parent_site"),
-        parent_parent_sha256=_opt(stage, "parent_parent_sha256"),
-        parent_public_key=_opt(stage, "parent_public_key"),
-        files=files,
-    )
+    return dataclasses.replace(request, files=files)
 
 
 def request_bytes(message: Message) -> int:
@@ -147,38 +111,24 @@ def _file_record(files: Mapping[str, bytes]) -> ArrayRecord:
     return record
 
 
-def build_stage_reply(request_message: Message, response: StageResponse) -> OutboundMessage:
+def build_stage_reply(request_message: Message, reply: StageReply) -> OutboundMessage:
     """The reply to a stage request (artifact files, result, metrics)."""
-    result = ConfigRecord(
-        {
-            "protocol": PROTOCOL_VERSION,
-            "status": response.status,
-            "error": response.error,
-            "artifact_sha256": response.artifact_sha256 or "",
-            "reused": response.reused,
-            "resumed_from_epoch": response.resumed_from_epoch,
-        }
-    )
-    metrics: dict[str, Any] = {k: float(v) for k, v in response.metrics.items()}
-    if response.epoch_losses:
-        metrics["epoch_losses"] = [float(x) for x in response.epoch_losses]
     content = RecordDict(
         {
-            ARTIFACT_RECORD: _file_record(response.files),
-            RESULT_RECORD: result,
-            METRICS_RECORD: MetricRecord(metrics),
+            ARTIFACT_RECORD: _file_record(reply.files),
+            RESULT_RECORD: ConfigRecord(result_fields(reply)),
+            METRICS_RECORD: MetricRecord(metric_fields(reply)),
         }
     )
-    kind = "stage_reply" if response.status == "ok" else f"stage_{response.status}"
+    kind = "stage_reply" if reply.ok else f"stage_{reply.status}"
     return OutboundMessage(
-        Message(content, reply_to=request_message), kind, dict(response.files), request_message.metadata.message_id
+        Message(content, reply_to=request_message), kind, dict(reply.files), request_message.metadata.message_id
     )
 
 
 def build_site_reply(request_message: Message, site: str, modality: str) -> OutboundMessage:
     """The reply to `query.site`: the site's name and modality (no data, no counts of patients)."""
-    record = ConfigRecord({"protocol": PROTOCOL_VERSION, "site": site, "modality": modality})
-    content = RecordDict({SITE_RECORD: record})
+    content = RecordDict({SITE_RECORD: ConfigRecord(site_fields(site, modality))})
     return OutboundMessage(
         Message(content, reply_to=request_message), "site_info", {}, request_message.metadata.message_id
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from invcoss_core.config import MODALITIES, ConfigError, read_toml
+from invcoss_core.config import MODALITIES, ConfigError, format_validation_error, read_toml
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -115,19 +115,6 @@ class SiteConfig(_Frozen):
         return value
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}': check its spelling against the documented keys")
-        elif item["type"] == "missing":
-            lines.append(f"  - '{key}' is required")
-        else:
-            lines.append(f"  - '{key}': {item['msg']}")
-    return "\n".join(lines)
-
-
 def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
@@ -141,7 +128,7 @@ def parse_site_config(data: dict[str, Any], source: str, base_dir: Path) -> Site
     try:
         cfg = SiteConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
     pinned = cfg.trust.pinned_keys_dir
     return cfg.model_copy(
         update={

@@ -2,28 +2,20 @@
 
 A ClientApp process lives for one message, so it cannot serve `/metrics`. It appends JSON lines (`SiteEvents`:
 stage start/finish, training progress, inversion progress, privacy gate, bytes in/out), throttling per-step
-progress; the long-lived `invcoss-client` follows the file (`EventTailer`) and serves `SiteMetrics`.
-Events carry counts, seconds, losses and hashes only — never patient data or file names.
+progress; the long-lived `invcoss-client` follows the file (`invcoss_core.eventlog.EventTailer`) and serves
+`SiteMetrics`. Events carry counts, seconds, losses and hashes only — never patient data or file names.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from invcoss_core.eventlog import emit_event
 from invcoss_core.events import ProgressEvent
-
-logger = logging.getLogger(__name__)
-
-EventHandler = Callable[[dict[str, Any]], None]
 
 
 class SiteEvents:
@@ -36,15 +28,7 @@ class SiteEvents:
 
     def emit(self, kind: str, /, durable: bool = True, **fields: Any) -> None:
         """Append one event; `durable` events are fsync'd."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"time": time.time(), "kind": kind, "pid": os.getpid(), **fields}, sort_keys=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        emit_event(self.path, kind, durable=durable, **fields)
 
     def progress(self, event: ProgressEvent) -> None:
         """EventSink for `run_stage`: forwards progress, at most one line per phase per interval."""
@@ -63,61 +47,6 @@ class SiteEvents:
             epoch=event.epoch,
             metrics={k: float(v) for k, v in event.metrics.items()},
         )
-
-
-class EventTailer:
-    """Follows an append-only JSONL file from a background thread and hands each new event to a handler."""
-
-    def __init__(self, path: Path, handler: EventHandler, interval_s: float = 0.5) -> None:
-        self.path = Path(path)
-        self.handler = handler
-        self.interval_s = interval_s
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"tail-{self.path.name}", daemon=True)
-
-    def start(self) -> EventTailer:
-        """Start following; returns self."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop following after a last read."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.poll()
-
-    def poll(self) -> int:
-        """Dispatch complete lines written since the last call; returns how many were handled."""
-        if not self.path.exists():
-            return 0
-        size = self.path.stat().st_size
-        if size < self._offset:
-            self._offset = 0
-        if size == self._offset:
-            return 0
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read(size - self._offset)
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return 0
-        self._offset += end + 1
-        handled = 0
-        for line in chunk[: end + 1].splitlines():
-            try:
-                event = json.loads(line)
-                self.handler(event)
-                handled += 1
-            except ValueError:
-                continue
-            except Exception:  # a bad event must not stop the metrics thread
-                logger.exception("metrics: cannot apply an event")
-        return handled
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
 
 
 class SiteMetrics:

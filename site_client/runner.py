@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -34,7 +33,8 @@ from invcoss_core.artifact import (
     decode_artifact,
     read_artifact_files,
 )
-from invcoss_core.config import ConfigError, StageConfig, build_config
+from invcoss_core.config import ConfigError, StageConfig, build_config, deep_merge
+from invcoss_core.protocol import StageReply, StageRequest
 from invcoss_core.replay import ReplayError, replay_class
 from invcoss_core.signing import (
     PrivateKey,
@@ -45,7 +45,6 @@ from invcoss_core.signing import (
     sign_bytes,
 )
 from invcoss_core.training import StageError, run_stage
-from site_client.codec import StageRequest, StageResponse
 from site_client.config import SiteConfig
 from site_client.metrics import SiteEvents
 
@@ -92,16 +91,6 @@ def stage_paths(cfg: SiteConfig, run_id: str, stage_index: int) -> StagePaths:
     return StagePaths(cfg.work_dir / "runs" / run_id / f"stage-{stage_index:02d}")
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def resolve_stage_config(cfg: SiteConfig, request: StageRequest) -> StageConfig:
     """The coordinator's stage settings with the site's local `[stage]` overrides on top, policy-checked.
 
@@ -111,7 +100,7 @@ def resolve_stage_config(cfg: SiteConfig, request: StageRequest) -> StageConfig:
     """
     config = build_config(
         request.profile,
-        _deep_merge(request.settings, cfg.stage),
+        deep_merge(request.settings, cfg.stage),
         source=f"stage {request.stage_index} settings (coordinator + site [stage])",
     )
     try:
@@ -201,7 +190,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _reuse(cfg: SiteConfig, paths: StagePaths, request: StageRequest, own_key: PrivateKey) -> StageResponse | None:
+def _reuse(cfg: SiteConfig, paths: StagePaths, request: StageRequest, own_key: PrivateKey) -> StageReply | None:
     if not paths.result.is_file() or not (paths.artifact / "manifest.json").is_file():
         return None
     try:
@@ -216,7 +205,7 @@ def _reuse(cfg: SiteConfig, paths: StagePaths, request: StageRequest, own_key: P
             f"stage {request.stage_index} of run {request.run_id} was already run on this site from another parent "
             f"({str(result.get('parent_sha256'))[:16]}…); refusing a different parent (replay or fork)"
         )
-    return StageResponse(
+    return StageReply(
         status="ok",
         files=files,
         artifact_sha256=artifact.sha256,
@@ -227,9 +216,7 @@ def _reuse(cfg: SiteConfig, paths: StagePaths, request: StageRequest, own_key: P
     )
 
 
-def run_site_stage(
-    cfg: SiteConfig, request: StageRequest, private_key: PrivateKey, events: SiteEvents
-) -> StageResponse:
+def run_site_stage(cfg: SiteConfig, request: StageRequest, private_key: PrivateKey, events: SiteEvents) -> StageReply:
     """Run (or resume, or reuse) the requested stage on this site's data and return the signed artifact.
 
     Raises:
@@ -285,7 +272,7 @@ def run_site_stage(
         gate = result.artifact.manifest.privacy_gate
         if gate is not None:
             events.emit("gate", stage=request.stage_index, checked=gate.checked, blocked=gate.blocked)
-        return StageResponse(
+        return StageReply(
             status="ok",
             files=result.files,
             artifact_sha256=result.artifact.sha256,

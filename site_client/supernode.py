@@ -10,17 +10,14 @@ explanation, and restarts a crashed SuperNode up to `supernode.restart_limit` ti
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from invcoss_core.processes import child_env, executable, pid_alive, terminate_tree
 from site_client.config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -34,56 +31,11 @@ class SiteClientError(RuntimeError):
     """The site cannot connect or keep its SuperNode running; the message says what to do."""
 
 
-def executable(name: str) -> str:
-    """Path of a console script installed next to this Python (the venv), else the bare name (PATH lookup)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def flower_env(cfg: SiteConfig) -> dict[str, str]:
     """Environment for the SuperNode: FLWR_HOME in the work dir, telemetry and update checks off."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(cfg.work_dir / "flwr-home"),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
+    return child_env(
+        {"FLWR_HOME": str(cfg.work_dir / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     )
-    return env
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rfind(")") + 2 :].split()[1]), []).append(int(entry.name))
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [c for p in frontier for c in children.get(p, [])]
-        found.extend(frontier)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie — exited, not yet reaped by its parent — counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 class SuperNodeProcess:
@@ -152,18 +104,7 @@ class SuperNodeProcess:
         """SIGTERM the SuperNode (it deactivates itself) and its ClientApp processes; SIGKILL what remains."""
         if self.process is None:
             return
-        tree = [self.process.pid, *_descendants(self.process.pid)]
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and (self.process.poll() is None or any(_alive(p) for p in tree[1:])):
-            time.sleep(0.1)
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+        terminate_tree(self.process, timeout_s)
         self.process = None
 
 
@@ -194,7 +135,7 @@ class StageWatch:
     def crashed(self) -> list[int]:
         """Stage indices whose process died without finishing (each reported once)."""
         with self._lock:
-            dead = [pid for pid in self._running if not _alive(pid)]
+            dead = [pid for pid in self._running if not pid_alive(pid)]
             return [self._running.pop(pid) for pid in dead]
 
 

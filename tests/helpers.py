@@ -1,29 +1,14 @@
-"""Test helpers shared across the suite: in-memory image datasets and tiny configs."""
+"""Test helpers shared across the suite: structured images, tiny configs and a Flower task identity."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from invcoss_core.config import StageConfig, build_config
-
-
-class TensorImages(Dataset[torch.Tensor]):
-    """A dataset over a stacked (N, C, *spatial) tensor."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
-
-    def tensors(self) -> torch.Tensor:
-        return self.images
 
 
 def structured_images(n: int, shape: tuple[int, ...], seed: int, kind: str = "blobs") -> torch.Tensor:
@@ -49,3 +34,16 @@ def structured_images(n: int, shape: tuple[int, ...], seed: int, kind: str = "bl
 def make_config(**sections: Any) -> StageConfig:
     """tiny profile with section overrides, e.g. make_config(replay={"strategy": "ewc"})."""
     return build_config("tiny", sections)
+
+
+@contextmanager
+def task_identity() -> Iterator[None]:
+    """Flower builds Messages only inside a task; give unit tests the identity an app process would have."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -81,25 +81,35 @@ class LoadReport:
         )
 
 
-class SiteDataset(Dataset[torch.Tensor]):
-    """Precomputed model inputs of one site and modality: item i is a float32 tensor of ``spec.input_shape``."""
+class TensorImages(Dataset[torch.Tensor]):
+    """Images already in memory as one stacked (N, C, *spatial) tensor; item i is ``images[i]`` (not copied)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def tensors(self) -> torch.Tensor:
+        """All images, (N, C, *spatial) (shared, not copied)."""
+        return self.images
+
+
+class SiteDataset(TensorImages):
+    """Precomputed model inputs of one site and modality: item i is a float32 tensor of ``spec.input_shape``.
+
+    `tensors()` is every sample stacked, (N, C, *img_size) float32 in [0, 1]; `subjects[i]` names sample i's subject.
+    """
 
     def __init__(self, samples: torch.Tensor, subjects: list[str], report: LoadReport) -> None:
         if samples.ndim < 3 or samples.shape[0] != len(subjects):
             raise ValueError(f"samples {tuple(samples.shape)} and {len(subjects)} subjects do not match")
-        self._samples = samples
+        super().__init__(samples)
         self.subjects = subjects
         self.report = report
-
-    def __len__(self) -> int:
-        return int(self._samples.shape[0])
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self._samples[index]
-
-    def tensors(self) -> torch.Tensor:
-        """All samples stacked, (N, C, *img_size) float32 in [0, 1] (shared, not copied)."""
-        return self._samples
 
 
 def resolve_modality_folder(root: Path, modality: str) -> Path:
@@ -175,8 +185,9 @@ def load_site_dataset(
         plan = plan_split(discovery.subjects, split, data_cfg.val_fraction, seed)
     except ValueError as err:
         raise SiteDataError(str(err)) from None
-    report = LoadReport(modality, str(folder), split, plan.mode, rejected=rejected,
-                        ignored=list(discovery.ignored), notes=[plan.note])
+    report = LoadReport(
+        modality, str(folder), split, plan.mode, rejected=rejected, ignored=list(discovery.ignored), notes=[plan.note]
+    )
     chosen = [source for source in discovery.sources if source.subject in plan.subjects]
     per_file = data_cfg.samples_per_volume
     if data_cfg.max_samples is not None:  # never cut (and hold) far more samples than the cap keeps
@@ -225,8 +236,9 @@ def load_site_dataset(
         report.samples_per_file = kept_per_file
     report.subjects = sorted(set(subjects))
     if report.rejected:
-        logger.warning("%s: %d files rejected (see the load report or run `invcoss data check`)",
-                       modality, report.files_rejected)
+        logger.warning(
+            "%s: %d files rejected (see the load report or run `invcoss data check`)", modality, report.files_rejected
+        )
     logger.info("%s", report.summary())
     tensor = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     expected = (len(subjects), *spec.input_shape)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from invcoss_core.config import InversionConfig
+from invcoss_core.models import masked_patch_loss
 
 __all__ = [
     "TERM_NAMES",
@@ -33,8 +34,8 @@ class LossShapeError(ValueError):
 def task_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
     """The frozen MAE's masked-reconstruction loss: mean squared error on the hidden patches only.
 
-    Mirrors `MultiModalMAE.forward_loss` (a test pins the two together) so the inversion optimises exactly what
-    the model was trained to minimise.
+    The shape-checked `invcoss_core.models.masked_patch_loss`, the function `MultiModalMAE.forward_loss` uses, so
+    the inversion optimises exactly what the model was trained to minimise.
 
     Args:
         pred: (B, L, P) decoder predictions for every patch.
@@ -51,14 +52,7 @@ def task_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, nor
             f"task_loss needs pred and patches (B, L, P) and mask (B, L); got pred {tuple(pred.shape)}, "
             f"patches {tuple(patches.shape)}, mask {tuple(mask.shape)}"
         )
-    target = patches.float()
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6).sqrt()
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
-    mask = mask.float()
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+    return masked_patch_loss(pred, patches, mask, norm_pix)
 
 
 def batch_token_stats(block_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from invcoss_core.models.mae import (
     MultiModalMAE,
     build_model,
     export_monai_vit_state_dict,
+    masked_patch_loss,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "MultiModalMAE",
     "build_model",
     "export_monai_vit_state_dict",
+    "masked_patch_loss",
 ]

@@ -40,6 +40,29 @@ class MAEOutput:
     latent: torch.Tensor
 
 
+def masked_patch_loss(
+    pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool
+) -> torch.Tensor:
+    """The MAE objective: mean squared error on the hidden patches only.
+
+    Args:
+        pred: (B, L, P) decoder predictions for every patch.
+        target_patches: (B, L, P) the images' patches (`MultiModalMAE.patchify`).
+        mask: (B, L) 1 where a patch was hidden from the encoder.
+        norm_pix: normalise each target patch by its own mean and variance (MAE's norm_pix_loss).
+    Returns:
+        scalar float32 loss (0 when nothing was hidden).
+    """
+    target = target_patches.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def _transformer_blocks(width: int, depth: int, heads: int, mlp: int) -> nn.ModuleList:
     # qkv_bias=False keeps keys identical to monai.networks.nets.ViT's defaults (strict export).
     return nn.ModuleList(
@@ -279,14 +302,7 @@ class MultiModalMAE(nn.Module):
         Returns:
             scalar loss (float32).
         """
-        target = self.patchify(x, modality).float()
-        if self.cfg.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6).sqrt()
-        per_patch = (pred.float() - target).pow(2).mean(dim=-1)
-        mask = mask.float()
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        return masked_patch_loss(pred, self.patchify(x, modality), mask, self.cfg.norm_pix_loss)
 
     def forward(
         self,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import BIN, run_embed
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent
 DEMO_LIMIT_S = 180.0  # acceptance: under 3 minutes on 2 cores
 
 
@@ -72,25 +72,7 @@ def test_demo_final_model_embeds(demo: tuple[Path, float, str], site_data_root: 
     images.mkdir()
     source = site_data_root / "mri" / "mni152_t1.nii.gz"
     (images / source.name).write_bytes(source.read_bytes())
-    done = subprocess.run(
-        [
-            str(BIN / "invcoss"),
-            "embed",
-            "--model",
-            report["final_model"],
-            "--images",
-            str(images),
-            "--modality",
-            "mri",
-            "--out",
-            str(feats),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_embed(report["final_model"], images, "mri", feats)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     import numpy as np
 

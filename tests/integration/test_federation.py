@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -44,10 +43,9 @@ from server.localfed import LocalFederation, LocalSite, free_port
 from server.state import read_journal
 from server.superlink import flower_env
 from tests.integration.conftest import FAST_DEFAULTS
+from tests.integration.helpers import BIN, run_embed
 
 pytestmark = pytest.mark.integration
-
-BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -322,25 +320,7 @@ def test_final_model_loads_with_invcoss_embed(run: RunRecord, site_data_root: Pa
     for path in sorted((site_data_root / "pathology").iterdir())[:2]:
         shutil.copy(path, images / path.name)
     out = tmp_path / "feats.npz"
-    done = subprocess.run(
-        [
-            str(BIN / "invcoss"),
-            "embed",
-            "--model",
-            str(final),
-            "--images",
-            str(images),
-            "--modality",
-            "pathology",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_embed(final, images, "pathology", out)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     import numpy as np
 

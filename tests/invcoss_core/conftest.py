@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from invcoss_core.config import StageConfig, build_config
-from tests.helpers import TensorImages, structured_images
+from invcoss_core.data import TensorImages
+from tests.helpers import structured_images
 
 
 @pytest.fixture

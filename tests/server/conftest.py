@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,13 @@ import torch
 from invcoss_core.artifact import encode_artifact
 from invcoss_core.config import build_config
 from invcoss_core.models import build_model
+from invcoss_core.protocol import StageReply, StageRequest
 from invcoss_core.signing import PrivateKey, generate_private_key, public_key_openssh, sign_bytes
-from server.codec import NodeView, Received, StageReply, StageRequest
+from server.codec import NodeView, Received
 from server.config import FederationConfig, parse_federation_config
 from server.handoff import enroll_key
 from server.state import StateLayout, init_state
+from tests.helpers import task_identity
 
 SITES = ("A", "B", "C")
 MODALITIES = {"A": "ct", "B": "mri", "C": "pathology"}
@@ -167,11 +169,7 @@ def layout(enrolled: StateLayout, config: FederationConfig) -> StateLayout:
 
 
 @pytest.fixture(autouse=True)
-def flower_task_identity() -> Any:
+def flower_task_identity() -> Iterator[None]:
     """Flower builds Messages only inside a task; give unit tests the identity an app process would have."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity():
+        yield

@@ -61,7 +61,7 @@ def test_stage_reply_round_trip_is_exact(keys: Keys) -> None:
     files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
     incoming = coordinator.build_stage_message(_request(), {}, node_id=7, ttl=60)
     incoming.metadata.__dict__["_message_id"] = "m-1"
-    response = site.StageResponse(
+    response = site.StageReply(
         status="ok",
         files=files,
         artifact_sha256="ab" * 32,
@@ -78,7 +78,7 @@ def test_stage_reply_round_trip_is_exact(keys: Keys) -> None:
 
 def test_refusal_reply_carries_no_files() -> None:
     incoming = coordinator.build_stage_message(_request(), {}, node_id=7, ttl=60)
-    outbound = site.build_stage_reply(incoming, site.StageResponse(status="refused", error="bad signature"))
+    outbound = site.build_stage_reply(incoming, site.StageReply(status="refused", error="bad signature"))
     reply = coordinator.parse_stage_reply(outbound.message)
     assert (reply.status, reply.error, reply.files) == ("refused", "bad signature", {})
     assert outbound.kind == "stage_refused" and outbound.bytes == 0

@@ -7,15 +7,16 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from server.metrics import CoordinatorMetrics, EventTailer, emit, serve_metrics
+from invcoss_core.eventlog import EventTailer, emit_event
+from server.metrics import CoordinatorMetrics, serve_metrics
 
 
 def test_tailer_dispatches_complete_lines_once(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     seen: list[str] = []
     tailer = EventTailer(path, lambda e: seen.append(e["kind"]), from_start=True)
-    emit(path, "a")
-    emit(path, "b")
+    emit_event(path, "a")
+    emit_event(path, "b")
     with open(path, "a") as fh:
         fh.write('{"kind": "torn"')
     assert tailer.poll() == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import tomli_w
 
 from invcoss_core.signing import PrivateKey, generate_private_key, private_key_openssh
 from site_client.config import SiteConfig, load_site_config
+from tests.helpers import task_identity
 from tests.integration.conftest import generated_site_data
 
 
@@ -47,11 +49,7 @@ def site_config(tmp_path: Path, site_images: Path, site_key: PrivateKey) -> Site
 
 
 @pytest.fixture(autouse=True)
-def flower_task_identity() -> Any:
+def flower_task_identity() -> Iterator[None]:
     """Flower builds Messages only inside a task; give unit tests the identity an app process would have."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity():
+        yield

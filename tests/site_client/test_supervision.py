@@ -9,9 +9,10 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from invcoss_core.eventlog import EventTailer
 from invcoss_core.events import ProgressEvent
 from site_client.config import SiteConfig
-from site_client.metrics import EventTailer, SiteEvents, SiteMetrics
+from site_client.metrics import SiteEvents, SiteMetrics
 from site_client.supernode import StageWatch, SuperNodeProcess
 
 

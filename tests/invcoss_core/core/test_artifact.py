@@ -100,7 +100,7 @@ def test_flipped_byte_on_disk_is_refused(tmp_path: Path) -> None:
     raw = bytearray((out / WEIGHTS).read_bytes())
     raw[-1] ^= 0xFF
     (out / WEIGHTS).write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match="weights.safetensors does not match"):
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors does not match"):
         read_artifact_dir(out)
 
 
@@ -153,7 +153,7 @@ def test_lineage_refuses_replayed_reordered_and_wrong_parent() -> None:
 
 
 def test_non_finite_weights_are_refused_both_ways() -> None:
-    files, weights = _files()
+    _, weights = _files()
     bad = dict(weights)
     key = next(k for k, v in bad.items() if v.is_floating_point())
     bad[key] = bad[key].clone()
@@ -203,10 +203,10 @@ def test_garbage_key_files_give_a_clean_error(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.pub"
     bad.write_bytes(b"ssh-foo AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x\n")
-    with pytest.raises(SigningKeyError, match="bad.pub"):
+    with pytest.raises(SigningKeyError, match=r"bad\.pub"):
         load_public_key(bad)
     bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
-    with pytest.raises(SigningKeyError, match="bad.pub"):
+    with pytest.raises(SigningKeyError, match=r"bad\.pub"):
         load_private_key(bad)
     with pytest.raises(SigningKeyError, match="cannot read"):
         load_public_key(tmp_path / "missing.pub")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from invcoss_core.config import ConfigError, ModalitySpec, build_config, load_config
 
@@ -14,7 +15,7 @@ def test_profiles_validate_and_are_frozen(profile: str) -> None:
     cfg = build_config(profile)
     assert cfg.profile == profile
     assert set(cfg.model.modalities) >= {"ct", "mri", "pathology", "xray"}
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.epochs = 3  # type: ignore[misc]
 
 

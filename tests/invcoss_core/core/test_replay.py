@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from invcoss_core.artifact import read_artifact_dir
+from invcoss_core.data import TensorImages
 from invcoss_core.replay import ReplayError, build_replay, replay_class
 from invcoss_core.replay.kmeans import kmeans
 from invcoss_core.replay.real_buffer import select_buffer
 from invcoss_core.training import run_stage
-from tests.helpers import TensorImages, make_config, structured_images
+from tests.helpers import make_config, structured_images
 
 
 def test_kmeans_separates_obvious_clusters() -> None:

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
+from invcoss_core.data import TensorImages
 from invcoss_core.events import ProgressEvent
 from invcoss_core.training import NonFiniteLossError, StageError, run_stage
 from invcoss_core.training.checkpoint import CheckpointError
 from invcoss_core.training.schedule import lr_at
-from tests.helpers import TensorImages, make_config
+from tests.helpers import make_config
 
 
-class Interrupt(Exception):
+class InterruptError(Exception):
     pass
 
 
 def test_schedule_warms_up_then_decays_to_min() -> None:
     lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
     assert lr_at(200, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
 
@@ -32,9 +34,9 @@ def test_interrupted_stage_resumes_to_identical_weights(tmp_path: Path, ct_data:
 
     def stop_after_first_epoch(event: ProgressEvent) -> None:
         if event.epoch == 1 and "epoch_loss" in event.metrics:
-            raise Interrupt
+            raise InterruptError
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(InterruptError):
         run_stage(
             config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop_after_first_epoch
         )
@@ -53,9 +55,9 @@ def test_checkpoint_of_another_stage_is_ignored(tmp_path: Path, ct_data: TensorI
 
     def stop(event: ProgressEvent) -> None:
         if "epoch_loss" in event.metrics:
-            raise Interrupt
+            raise InterruptError
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(InterruptError):
         run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop)
     other = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="other-run", work_dir=tmp_path)
     assert other.resumed_from_epoch == 0

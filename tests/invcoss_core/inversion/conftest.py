@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from invcoss_core.config import InversionConfig, StageConfig, build_config
+from invcoss_core.data import TensorImages
 from invcoss_core.models import MultiModalMAE
 from invcoss_core.training import load_student, run_stage
-from tests.helpers import TensorImages, structured_images
+from tests.helpers import structured_images
 
 # Short inversions: the tests check behaviour, not image quality.
 FAST_INVERSION = {"batch_size": 8, "iterations": 16, "iterations_per_batch": 6, "num_images": 16}

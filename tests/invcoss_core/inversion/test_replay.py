@@ -9,10 +9,10 @@ import torch
 
 from invcoss_core.artifact import MANIFEST, SIGNATURE
 from invcoss_core.config import StageConfig, build_config
+from invcoss_core.data import TensorImages
 from invcoss_core.inversion import replay as inversion_replay
 from invcoss_core.inversion.synthesize import SynthesisResult, Synthesizer
 from invcoss_core.training import run_stage
-from tests.helpers import TensorImages
 from tests.invcoss_core.inversion.conftest import FAST_INVERSION
 
 
