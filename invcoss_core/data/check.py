@@ -86,12 +86,20 @@ def check_site_data(root: Path, modality: str, spec: ModalitySpec, data_cfg: Dat
         except ImageReadError as err:
             report.files.append(FileCheck(source.name, False, err.reason, source.subject, source.source_format))
             continue
-        report.files.append(FileCheck(
-            name=source.name, usable=True, reason="; ".join(prepared.notes), subject=source.subject,
-            source_format=source.source_format, shape=tuple(raw.array.shape), spacing=raw.spacing,
-            dtype=raw.source_dtype, value_range=(float(raw.array.min()), float(raw.array.max())),
-            working_shape=tuple(prepared.array.shape[1:]),
-        ))
+        report.files.append(
+            FileCheck(
+                name=source.name,
+                usable=True,
+                reason="; ".join(prepared.notes),
+                subject=source.subject,
+                source_format=source.source_format,
+                shape=tuple(raw.array.shape),
+                spacing=raw.spacing,
+                dtype=raw.source_dtype,
+                value_range=(float(raw.array.min()), float(raw.array.max())),
+                working_shape=tuple(prepared.array.shape[1:]),
+            )
+        )
     report.files.sort(key=lambda f: (not f.usable, f.name))
     if report.subjects:
         plan = plan_split(report.subjects, "train", data_cfg.val_fraction, 0)

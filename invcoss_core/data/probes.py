@@ -67,27 +67,45 @@ MAX_PER_CLASS = 200
 
 TASK_DEFINITIONS: dict[str, dict[str, Any]] = {
     "mri_tissue": {
-        "modality": "mri", "kind": "tissue_maps", "classes": ["csf_background", "grey_matter", "white_matter"],
-        "pseudo": False, "description": "tissue class of the patch centre from the MNI152 2009a GM/WM maps",
+        "modality": "mri",
+        "kind": "tissue_maps",
+        "classes": ["csf_background", "grey_matter", "white_matter"],
+        "pseudo": False,
+        "description": "tissue class of the patch centre from the MNI152 2009a GM/WM maps",
     },
     "mri_tumour": {
-        "modality": "mri", "kind": "mask", "classes": ["normal", "tumour"], "pseudo": False,
+        "modality": "mri",
+        "kind": "mask",
+        "classes": ["normal", "tumour"],
+        "pseudo": False,
         "description": "patch centred in the pyradiomics tumour mask vs tumour-free foreground patch",
     },
     "ct_tumour": {
-        "modality": "ct", "kind": "mask", "classes": ["normal", "tumour"], "pseudo": False,
+        "modality": "ct",
+        "kind": "mask",
+        "classes": ["normal", "tumour"],
+        "pseudo": False,
         "description": "patch centred in the pyradiomics lung tumour mask vs tumour-free body patch",
     },
     "ct_hu_tissue": {
-        "modality": "ct", "kind": "hu_tissue", "classes": [c for c, _, _ in HU_CLASSES], "pseudo": False,
+        "modality": "ct",
+        "kind": "hu_tissue",
+        "classes": [c for c, _, _ in HU_CLASSES],
+        "pseudo": False,
         "description": "Hounsfield class of the centre voxel (air/lung, fat, soft tissue, bone)",
     },
     "pathology_stain": {
-        "modality": "pathology", "kind": "image_label", "classes": ["he", "ihc"], "pseudo": True,
+        "modality": "pathology",
+        "kind": "image_label",
+        "classes": ["he", "ihc"],
+        "pseudo": True,
         "description": "stain of the source slide (H&E vs IHC): a pseudo-label, not a diagnosis",
     },
     "pathology_hematoxylin": {
-        "modality": "pathology", "kind": "hematoxylin_density", "classes": ["low", "high"], "pseudo": True,
+        "modality": "pathology",
+        "kind": "hematoxylin_density",
+        "classes": ["low", "high"],
+        "pseudo": True,
         "description": "haematoxylin density of an H&E patch below/above the median (colour deconvolution)",
     },
 }
@@ -134,8 +152,15 @@ class _Samples:
     axis_length: list[int] = field(default_factory=list)
     crop_length: list[int] = field(default_factory=list)
 
-    def add(self, patch: np.ndarray, label: int, subject: str, start: np.ndarray, shape: tuple[int, ...],
-            size: tuple[int, ...]) -> None:
+    def add(
+        self,
+        patch: np.ndarray,
+        label: int,
+        subject: str,
+        start: np.ndarray,
+        shape: tuple[int, ...],
+        size: tuple[int, ...],
+    ) -> None:
         axis = int(np.argmax(shape))
         self.patches.append(patch)
         self.labels.append(label)
@@ -181,8 +206,16 @@ def list_probe_tasks(root: Path) -> list[ProbeTaskInfo]:
     """
     infos = []
     for name, entry in sorted(_read_tasks(root).items()):
-        infos.append(ProbeTaskInfo(name, str(entry["modality"]), list(entry["classes"]), bool(entry["pseudo"]),
-                                   str(entry.get("description", "")), len(entry.get("items", []))))
+        infos.append(
+            ProbeTaskInfo(
+                name,
+                str(entry["modality"]),
+                list(entry["classes"]),
+                bool(entry["pseudo"]),
+                str(entry.get("description", "")),
+                len(entry.get("items", [])),
+            )
+        )
     return infos
 
 
@@ -265,8 +298,15 @@ def _read_map(root: Path, rel: str, shape: tuple[int, ...], out_shape: tuple[int
 
 
 def _sample_item(
-    root: Path, item: dict[str, Any], kind: str, modality: str, spec: ModalitySpec, classes: list[str],
-    per_item: int, rng: np.random.Generator, samples: _Samples,
+    root: Path,
+    item: dict[str, Any],
+    kind: str,
+    modality: str,
+    spec: ModalitySpec,
+    classes: list[str],
+    per_item: int,
+    rng: np.random.Generator,
+    samples: _Samples,
 ) -> None:
     rel = str(item["image"])
     subject = str(item.get("subject", rel))
@@ -418,11 +458,16 @@ def _split(samples: _Samples, keep: np.ndarray, n_classes: int, seed: int, task:
         elif samples.axis_start[i] >= cut:
             flags[i] = 0.0
     why = "one subject" if len(names) < 2 else "no subject split puts every class on both sides"
-    note = (f"region-level split ({why}): first {1 - TEST_FRACTION:.0%} of each image's longest axis trains, "
-            "the rest tests; patches across the cut dropped")
+    note = (
+        f"region-level split ({why}): first {1 - TEST_FRACTION:.0%} of each image's longest axis trains, "
+        "the rest tests; patches across the cut dropped"
+    )
     train = flags[keep]
-    missing = [c for c in present if not (np.any((labels[keep] == c) & (train == 1.0))
-                                          and np.any((labels[keep] == c) & (train == 0.0)))]
+    missing = [
+        c
+        for c in present
+        if not (np.any((labels[keep] == c) & (train == 1.0)) and np.any((labels[keep] == c) & (train == 0.0)))
+    ]
     if missing:
         note += f"; classes {missing} are not on both sides"
     return flags, note

@@ -331,9 +331,7 @@ def read_dicom_series(paths: Sequence[Path]) -> RawImage:
         if first is None:
             first = ds
         elif pixels.shape != slices[0][1].shape:
-            raise ImageReadError(
-                f"slice {path.name} has shape {pixels.shape}, the series {slices[0][1].shape}"
-            )
+            raise ImageReadError(f"slice {path.name} has shape {pixels.shape}, the series {slices[0][1].shape}")
         slices.append((_slice_position(ds, index), pixels))
     if len(slices) < 2:
         raise ImageReadError("a DICOM series needs at least 2 slices")

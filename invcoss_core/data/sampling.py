@@ -253,7 +253,8 @@ def plan_split(subjects: Sequence[str], split: str, val_fraction: float, seed: i
         return SplitPlan("all", names, "val_fraction is 0: training uses all subjects")
     if len(names) == 1:
         return SplitPlan(
-            "region", names,
+            "region",
+            names,
             f"only one subject: split by region (last {val_fraction:.0%} of each image's longest axis is validation)",
         )
     val = split_subjects(sorted(names), val_fraction, seed)

@@ -1,6 +1,6 @@
 """`invcoss bench`: train every method stage by stage on real images, measure forgetting, write the comparison.
 
-Plan of one run (per seed, methods in the order given):
+Plan of one run (core methods seed by seed in the order given, then the ablations):
 1. the first stage (MAE on the first modality) is trained once per seed with the one stage loop and reused by
    every sequential method: each method's own first-stage products (inversion pool, real buffer, EWC Fisher) are
    computed from those trained weights and statistics through its `ReplayStrategy.end_stage` (`finish_stage`);
@@ -9,7 +9,8 @@ Plan of one run (per seed, methods in the order given):
 3. after every stage the model is evaluated (`evaluate_model`): probes on every task, held-out reconstruction on
    every modality seen so far. The first stage's evaluation is shared like its weights.
 Everything lands under `out/runs/` (artifacts + per-stage JSON), so a rerun with the same settings resumes and
-only trains what is missing — e.g. a `finetune`-only forgetting check followed by all methods.
+only trains what is missing — e.g. a `finetune`-only forgetting check followed by all methods; changed evaluation
+settings re-evaluate the stored artifacts without retraining. `shard` splits the plan over parallel processes.
 Outputs: `results.json` (see `aggregate`), `report.md`, and PNG figures (see `invcoss_core.evaluation.plots`).
 """
 
@@ -93,7 +94,7 @@ def _ignore_status(_status: BenchStatus) -> None:
 # Relative cost of one optimiser step or evaluation, in plain-training-step units (measured on CPU).
 _COST_REPLAY_STEP = 1.6
 _COST_JOINT_STEP = 2.0
-_COST_EVAL_PER_MODALITY = 120.0
+_COST_EVAL_PER_MODALITY = 60.0
 _COST_INVERSION_STEP = 1.5
 
 
@@ -1024,6 +1025,16 @@ def compute_seconds(records: Mapping[str, Sequence[Sequence[StageRecord]]]) -> f
     return total
 
 
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _finite_max(values: Sequence[float]) -> float:
+    """The largest finite value, NaN when there is none (one seed: the spread is unknown)."""
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    return max(finite) if finite else math.nan
+
+
 def forgetting_check(
     finetune: Mapping[str, Any] | None, order: Sequence[str], tasks: Sequence[str], task_stage: Sequence[int]
 ) -> dict[str, Any]:
@@ -1043,17 +1054,17 @@ def forgetting_check(
     modalities: dict[str, Any] = {}
     for m in range(last):
         rise = float(finetune["recon_increase"][order[m]])
-        spread = max(float(rec_sd[m, m]), float(rec_sd[last, m]), float(finetune["recon_increase_sd"][order[m]]))
+        spread = _finite_max([rec_sd[m, m], rec_sd[last, m], _num(finetune["recon_increase_sd"][order[m]])])
         modalities[order[m]] = {
             "own_stage": float(rec[m, m]),
             "final": float(rec[last, m]),
             "rise": rise,
             "spread": spread,
-            "visible": bool(rise > 2 * spread and rise > 0),
+            "visible": bool(rise > 0 and math.isfinite(spread) and rise > 2 * spread),
         }
-    drop = -float(finetune["bwt"])
-    drop_spread = float(finetune["bwt_sd"])
-    probe_visible = bool(drop > 2 * drop_spread and drop > 0)
+    drop = -_num(finetune["bwt"])
+    drop_spread = _finite_max([_num(finetune["bwt_sd"])])
+    probe_visible = bool(drop > 0 and math.isfinite(drop_spread) and drop > 2 * drop_spread)
     recon_visible = all(v["visible"] for v in modalities.values())
     return {
         "seeds": seeds,

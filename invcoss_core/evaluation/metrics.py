@@ -141,7 +141,7 @@ def recon_increase(recon: Matrix, modality_stage: Sequence[int]) -> list[float]:
 
 @dataclass(frozen=True)
 class MeanSd:
-    """Mean and sample standard deviation (ddof = 1; 0 for one value) over seeds, ignoring NaN."""
+    """Mean and sample standard deviation (ddof = 1; NaN for a single value: no spread is known) over seeds."""
 
     mean: float
     sd: float
@@ -153,7 +153,7 @@ def mean_sd(values: Sequence[float]) -> MeanSd:
     finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if finite.size == 0:
         return MeanSd(math.nan, math.nan, 0)
-    sd = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    sd = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
     return MeanSd(float(finite.mean()), sd, int(finite.size))
 
 
@@ -161,7 +161,7 @@ def elementwise_mean_sd(matrices: Sequence[Matrix]) -> tuple[np.ndarray, np.ndar
     """Cell-wise mean and sample sd over same-shaped matrices (one per seed); NaN cells stay NaN.
 
     Returns:
-        mean (S, J) and sd (S, J); sd is 0 where only one seed has a finite value.
+        mean (S, J) and sd (S, J); sd is NaN where fewer than two seeds have a finite value.
     """
     if not matrices:
         raise MetricError("no matrices to average")

@@ -59,13 +59,14 @@ def forgetting_sentence(results: Mapping[str, Any]) -> str:
     if check.get("visible") is None and "recon" not in check:
         return "Forgetting could not be judged: `finetune` was not run."
     parts = [
-        f"{m}: {v['own_stage']:.3f} → {v['final']:.3f} (rise {v['rise']:+.3f}, seed spread {v['spread']:.3f})"
+        f"{m}: {_num(v['own_stage']):.3f} → {_num(v['final']):.3f} (rise {_num(v['rise']):+.3f}, seed spread "
+        f"{_loss(v['spread'])})"
         for m, v in check["recon"].items()
     ]
-    drop = 100 * check["probe_drop"]
+    drop = 100 * _num(check["probe_drop"])
     probe = (
         f"mean probe accuracy on earlier tasks {'fell' if drop > 0 else 'rose'} by {abs(drop):.1f} points "
-        f"(BWT {-drop:+.1f}, seed sd {100 * check['probe_drop_spread']:.1f})"
+        f"(BWT {-drop:+.1f}, seed sd {_pct(check['probe_drop_spread'])})"
     )
     if check["visible"] is None:
         verdict = f"Forgetting cannot be judged against the seed spread with {check['seeds']} seed"

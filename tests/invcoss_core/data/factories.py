@@ -105,8 +105,14 @@ def write_dicom(
     return path
 
 
-def write_dicom_series(folder: Path, volume: np.ndarray, *, patient_id: str = "S1", shuffle_names: bool = True,
-                       spacing: tuple[float, float, float] = (0.5, 0.5, 2.0)) -> list[Path]:
+def write_dicom_series(
+    folder: Path,
+    volume: np.ndarray,
+    *,
+    patient_id: str = "S1",
+    shuffle_names: bool = True,
+    spacing: tuple[float, float, float] = (0.5, 0.5, 2.0),
+) -> list[Path]:
     """One file per slice of an (x, y, z) int16 volume; file names deliberately not in slice order."""
     uid = generate_uid()
     paths = []
@@ -114,9 +120,16 @@ def write_dicom_series(folder: Path, volume: np.ndarray, *, patient_id: str = "S
     names = list(reversed(order)) if shuffle_names else order
     for k in order:
         path = folder / f"img{names[k]:03d}.dcm"
-        write_dicom(path, volume[:, :, k].T, patient_id=patient_id, series_uid=uid,
-                    position=(0.0, 0.0, k * spacing[2]), pixel_spacing=(spacing[1], spacing[0]),
-                    slice_thickness=spacing[2], instance=names[k] + 1)
+        write_dicom(
+            path,
+            volume[:, :, k].T,
+            patient_id=patient_id,
+            series_uid=uid,
+            position=(0.0, 0.0, k * spacing[2]),
+            pixel_spacing=(spacing[1], spacing[0]),
+            slice_thickness=spacing[2],
+            instance=names[k] + 1,
+        )
         paths.append(path)
     return paths
 
@@ -168,7 +181,7 @@ def he_tile(size: tuple[int, int] = (160, 160), seed: int = 0) -> np.ndarray:
     tile[:] = (230, 160, 200)
     for _ in range(h * w // 150):
         cy, cx = rng.integers(0, h), rng.integers(0, w)
-        tile[max(0, cy - 2): cy + 3, max(0, cx - 2): cx + 3] = (90, 60, 150)
+        tile[max(0, cy - 2) : cy + 3, max(0, cx - 2) : cx + 3] = (90, 60, 150)
     tile[:, : w // 5] = 245
     tile += rng.normal(0, 6, tile.shape)
     return np.clip(tile, 0, 255).astype(np.uint8)

@@ -28,6 +28,7 @@ def _absurd_nifti(path: Path) -> None:
 
 def _absurd_png(path: Path) -> None:
     """A PNG whose IHDR claims 100000 × 100000 pixels."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -61,11 +62,20 @@ def _bad_folder(root: Path) -> dict[str, str]:
     (folder / "sub").mkdir()
     os.symlink("..", folder / "sub" / "up")
     return {
-        "empty.nii.gz": "empty file", "truncated.nii.gz": "truncated", "flat.nii.gz": "wrong dimensionality",
-        "nan.nii.gz": "NaN", "inf.nrrd": "NaN or infinite", "absurd.nii": "absurd size",
-        "notes.txt": "not a supported image", "data.bin": "not a supported image", "constant.nii.gz": "constant",
-        "photo.png": "wrong dimensionality", "loop_a.nii.gz": "symlink loop", "loop_b.nii.gz": "symlink loop",
-        "dangling.nii.gz": "broken symlink", "sub/up": "symlink loop",
+        "empty.nii.gz": "empty file",
+        "truncated.nii.gz": "truncated",
+        "flat.nii.gz": "wrong dimensionality",
+        "nan.nii.gz": "NaN",
+        "inf.nrrd": "NaN or infinite",
+        "absurd.nii": "absurd size",
+        "notes.txt": "not a supported image",
+        "data.bin": "not a supported image",
+        "constant.nii.gz": "constant",
+        "photo.png": "wrong dimensionality",
+        "loop_a.nii.gz": "symlink loop",
+        "loop_b.nii.gz": "symlink loop",
+        "dangling.nii.gz": "broken symlink",
+        "sub/up": "symlink loop",
     }
 
 

@@ -15,8 +15,9 @@ runner = CliRunner()
 
 
 def test_check_prints_the_table_and_exits_zero(site: Path) -> None:
-    result = runner.invoke(cli.app, ["data", "check", "--site-data", str(site), "--modality", "ct"],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        cli.app, ["data", "check", "--site-data", str(site), "--modality", "ct"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     assert "p1.nii.gz" in result.output and "dicom-series" in result.output and "3 usable images" in result.output
 
@@ -24,8 +25,9 @@ def test_check_prints_the_table_and_exits_zero(site: Path) -> None:
 def test_check_exits_one_when_nothing_is_usable(tmp_path: Path) -> None:
     (tmp_path / "xray").mkdir()
     (tmp_path / "xray" / "a.png").write_bytes(b"")
-    result = runner.invoke(cli.app, ["data", "check", "--site-data", str(tmp_path), "--modality", "xray"],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        cli.app, ["data", "check", "--site-data", str(tmp_path), "--modality", "xray"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 1
     assert "empty file" in result.output
 

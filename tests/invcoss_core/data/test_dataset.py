@@ -82,8 +82,13 @@ def test_root_may_be_the_modality_folder_itself(site: Path, tiny: StageConfig, s
 
 
 def test_embedding_input_of_each_modality(site: Path, tiny: StageConfig) -> None:
-    for modality, name in (("ct", "p1.nii.gz"), ("ct", "p3"), ("mri", "s3.dcm"), ("pathology", "h2.tif"),
-                           ("xray", "x1.dcm")):
+    for modality, name in (
+        ("ct", "p1.nii.gz"),
+        ("ct", "p3"),
+        ("mri", "s3.dcm"),
+        ("pathology", "h2.tif"),
+        ("xray", "x1.dcm"),
+    ):
         spec = spec_of(tiny, modality)
         x = load_image_for_embedding(site / modality / name, modality, spec)
         assert tuple(x.shape) == spec.input_shape and x.dtype == torch.float32

@@ -45,7 +45,9 @@ def test_subjects_from_table_folder_and_stem(tmp_path: Path) -> None:
     found = discover_images(tmp_path, group_dicom_series=True)
     subjects = {s.name: s.subject for s in found.sources}
     assert subjects == {
-        "sub-01/t1.nii.gz": "sub-01", "sub-01/t2.nii.gz": "sub-01", "scan_a.nii.gz": "scan_a",
+        "sub-01/t1.nii.gz": "sub-01",
+        "sub-01/t2.nii.gz": "sub-01",
+        "scan_a.nii.gz": "scan_a",
         "scan_b.nii.gz": "patient-7",
     }
     assert "subjects.csv" in found.ignored and not found.rejected

@@ -77,8 +77,9 @@ def _array_file(path: Path, array: np.ndarray) -> None:
         write_tiff(path, array)
 
 
-def _malformed(folder: Path, index: int, rng: np.random.Generator, templates: dict[str, Callable[[], bytes]],
-               volume: bool) -> str:
+def _malformed(
+    folder: Path, index: int, rng: np.random.Generator, templates: dict[str, Callable[[], bytes]], volume: bool
+) -> str:
     """Write one file that must be rejected; returns its name."""
     kind = index % 11
     ext = EXTENSIONS[int(rng.integers(len(EXTENSIONS)))]
@@ -118,8 +119,9 @@ def _malformed(folder: Path, index: int, rng: np.random.Generator, templates: di
             path.write_bytes(bytes(header))
         else:
             sizes = " ".join(str(int(rng.integers(70000, 10**6))) for _ in range(3))
-            path.write_bytes(f"NRRD0004\ntype: short\ndimension: 3\nsizes: {sizes}\nencoding: raw\n\n".encode()
-                             + rng.bytes(64))
+            path.write_bytes(
+                f"NRRD0004\ntype: short\ndimension: 3\nsizes: {sizes}\nencoding: raw\n\n".encode() + rng.bytes(64)
+            )
     elif kind == 9:  # non-image content or a misleading extension
         name = f"m{index:04d}_{kind}" + (".txt", ".csv", ".raw", ".nii.gz", ".png")[index % 5]
         path = folder / name
@@ -167,17 +169,16 @@ def _build(root: Path, modality: str, volume: bool, seed: int) -> tuple[set[str]
     return malformed, perturbed, valid
 
 
-def test_fuzz_malformed_files_are_each_rejected_and_valid_files_still_load(
-    tmp_path: Path, tiny: StageConfig
-) -> None:
+def test_fuzz_malformed_files_are_each_rejected_and_valid_files_still_load(tmp_path: Path, tiny: StageConfig) -> None:
     started = time.monotonic()
     total_malformed = 0
     for modality, volume, seed in (("ct", True, 1), ("xray", False, 2)):
         root = tmp_path / modality
         malformed, perturbed, valid = _build(root, modality, volume, seed)
         total_malformed += len(malformed)
-        dataset = load_site_dataset(root, modality, spec_of(tiny, modality),
-                                    DataConfig(samples_per_volume=2), split="all")
+        dataset = load_site_dataset(
+            root, modality, spec_of(tiny, modality), DataConfig(samples_per_volume=2), split="all"
+        )
         rejected = dict(dataset.report.rejected)
         loaded = set(dataset.report.loaded)
         assert all(reason.strip() for reason in rejected.values())

@@ -19,8 +19,9 @@ from invcoss_core.data.readers import RawImage
 from tests.invcoss_core.data.conftest import spec_of
 
 
-def _raw(array: np.ndarray, spacing: tuple[float, ...] | None = None, rgb: bool = False,
-         dtype: str = "int16") -> RawImage:
+def _raw(
+    array: np.ndarray, spacing: tuple[float, ...] | None = None, rgb: bool = False, dtype: str = "int16"
+) -> RawImage:
     return RawImage(array.astype(np.float32), spacing, rgb, "nifti", dtype)
 
 

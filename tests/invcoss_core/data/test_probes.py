@@ -45,8 +45,13 @@ def labelled(tmp_path: Path) -> Path:
     write_nifti(root / "mri" / "atlas.nii.gz", head, (1.5, 1.5, 1.5))
     write_nifti(root / "labels" / "gm.nii.gz", ((radius >= 5) & (radius < 10)).astype(np.uint8) * 255, (1.5,) * 3)
     write_nifti(root / "labels" / "wm.nii.gz", (radius < 5).astype(np.uint8) * 255, (1.5, 1.5, 1.5))
-    items["mri_tissue"].append({"image": "mri/atlas.nii.gz", "subject": "atlas",
-                                "maps": {"grey_matter": "labels/gm.nii.gz", "white_matter": "labels/wm.nii.gz"}})
+    items["mri_tissue"].append(
+        {
+            "image": "mri/atlas.nii.gz",
+            "subject": "atlas",
+            "maps": {"grey_matter": "labels/gm.nii.gz", "white_matter": "labels/wm.nii.gz"},
+        }
+    )
     for i in range(2):
         write_nifti(root / "ct" / f"c{i}.nii.gz", ct_phantom((48, 48, 24), seed=i), (1.5, 1.5, 3.0))
         items["ct_hu_tissue"].append({"image": f"ct/c{i}.nii.gz", "subject": f"c{i}"})

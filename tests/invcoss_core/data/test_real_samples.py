@@ -54,8 +54,9 @@ def test_real_data_check_reports_every_file_usable(sample_data: Path, tiny: Stag
 
 
 def test_real_data_check_command(sample_data: Path) -> None:
-    result = CliRunner().invoke(cli.app, ["data", "check", "--site-data", str(sample_data), "--modality", "xray"],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        cli.app, ["data", "check", "--site-data", str(sample_data), "--modality", "xray"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0 and "MONOCHROME1 inverted" in result.output
 
 
@@ -70,8 +71,12 @@ def test_real_probe_tasks_load(sample_data: Path, tiny: StageConfig) -> None:
 
 
 def test_real_embedding_inputs(sample_data: Path, tiny: StageConfig) -> None:
-    cases = (("ct", "ct/lung1.nii.gz"), ("mri", "mri/brain2"), ("pathology", "pathology/cmu_small_region.svs"),
-             ("xray", "xray/rg1_chest.dcm"))
+    cases = (
+        ("ct", "ct/lung1.nii.gz"),
+        ("mri", "mri/brain2"),
+        ("pathology", "pathology/cmu_small_region.svs"),
+        ("xray", "xray/rg1_chest.dcm"),
+    )
     for modality, rel in cases:
         x = load_image_for_embedding(sample_data / rel, modality, spec_of(tiny, modality))
         assert tuple(x.shape) == spec_of(tiny, modality).input_shape and x.dtype == torch.float32

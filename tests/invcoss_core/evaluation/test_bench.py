@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from invcoss_core.evaluation.bench import BenchError, finish_stage, run_bench
-from invcoss_core.evaluation.data import TensorImages, load_bench_data
+from invcoss_core.evaluation.data import TensorImages
 from invcoss_core.evaluation.joint import JointReplay
 from invcoss_core.evaluation.probes import ProbeSettings
 from invcoss_core.evaluation.recon import ReconSettings
@@ -68,18 +70,14 @@ def _check_outputs(out: Path, methods: list[str]) -> dict[str, Any]:
 
 
 def test_tiny_bench_on_sample_data_writes_all_outputs(sample_data: Path, tmp_path: Path) -> None:
-    """The CI smoke run: `invcoss bench --profile tiny --methods finetune,invcoss` on the real sample images."""
-    settings = bench_settings("tiny")
-    data = load_bench_data(
-        sample_data,
-        settings.first_stage_config(0),
-        settings.order,
-        settings.data_seed,
-        settings.probe_tasks,
-        settings.probe_max_per_class,
-    )
+    """The CI smoke run, through the real command line, on the real sample images."""
+    invcoss = Path(sys.executable).parent / "invcoss"
+    command = [str(invcoss), "bench", "--profile", "tiny", "--methods", "finetune,invcoss"]
+    command += ["--data", str(sample_data), "--out", str(tmp_path), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report.md" in done.stdout + done.stderr, "the command says where its outputs are"
     methods = ["finetune", "invcoss"]
-    run_bench(settings=settings, methods=methods, data=data, out_dir=tmp_path)
     results = _check_outputs(tmp_path, methods)
     assert results["methods"]["invcoss"]["inversion_seconds"] > 0
     assert (tmp_path / "images_ct.png").is_file()
