@@ -85,6 +85,10 @@ class BenchStatus:
 StatusSink = Callable[[BenchStatus], None]
 
 
+class _NotTrainedError(Exception):
+    """A stage that `report_only` would have had to train."""
+
+
 def _ignore_status(_status: BenchStatus) -> None:
     """A StatusSink that drops everything."""
 
@@ -354,6 +358,7 @@ class _Run:
     tracker: _Tracker
     events: EventSink
     eval_key: str = ""
+    train_missing: bool = True  # False (report only): a stage not on disk is reported as missing, never trained
 
     @property
     def order(self) -> tuple[str, ...]:
@@ -408,6 +413,8 @@ class _Run:
         if artifact is not None and record is not None and record.eval_key == self.eval_key:
             self.tracker.skip(units)
             return artifact, record
+        if artifact is None and not self.train_missing:
+            raise _NotTrainedError(path)
         self.tracker.begin(units, **where)
         if artifact is None:
             artifact = train(self.tracker.events(self.events))
@@ -733,6 +740,7 @@ def run_bench(
     events: EventSink = discard,
     figures: bool = True,
     shard: tuple[int, int] = (0, 1),
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison and write results.json, report.md and the figures into `out_dir`.
 
@@ -748,6 +756,9 @@ def run_bench(
             `out_dir` (core methods are split by seed, ablations one by one; the first stages of the seeds a shard
             needs must not be trained by two shards at once). Its outputs cover its own part; a final unsharded
             call reuses everything and writes the complete comparison.
+        report_only: train nothing; write the outputs from the stages already in `out_dir` (stored artifacts are
+            re-evaluated if the evaluation settings changed). A method/seed with a missing stage is left out and
+            logged, so each method reports the seeds it has (e.g. after a run stopped early).
     Returns:
         the results dictionary written to results.json.
     Raises:
@@ -778,7 +789,16 @@ def run_bench(
         for job in jobs
         if (ablations.index(job) if job[0] else job[1]) % parts == index  # ablations one by one, core by seed
     ]
-    run = _Run(settings, data, out, torch.device(device), _Tracker(0.0, status), events, _eval_key(settings, data))
+    run = _Run(
+        settings,
+        data,
+        out,
+        torch.device(device),
+        _Tracker(0.0, status),
+        events,
+        _eval_key(settings, data),
+        train_missing=not report_only,
+    )
     total = _COST_EVAL_PER_MODALITY * len(settings.order) * max_seeds
     total += sum(run.first_stage_units() for seed in {job[1] for job in jobs if METHODS[job[3]].sequential})
     for _, _, _, method in jobs:
@@ -790,12 +810,16 @@ def run_bench(
     shared: dict[int, tuple[Artifact, StageRecord]] = {}
     for _, seed, _, method in jobs:
         spec = METHODS[method]
-        if spec.sequential:
-            if seed not in shared:
-                shared[seed] = run.first_stage(seed, max_seeds)
-            records[method].append(run.sequential(spec, seed, per_method_seeds[method], shared[seed]))
-        else:
-            records[method].append(run.joint(spec, seed, per_method_seeds[method]))
+        try:
+            if spec.sequential:
+                if seed not in shared:
+                    shared[seed] = run.first_stage(seed, max_seeds)
+                records[method].append(run.sequential(spec, seed, per_method_seeds[method], shared[seed]))
+            else:
+                records[method].append(run.joint(spec, seed, per_method_seeds[method]))
+        except _NotTrainedError as missing:
+            logger.warning("%s seed %d left out: %s was not trained (report only)", method, seed, missing.args[0])
+            continue
         logger.info("%s seed %d done (%.0f s elapsed)", method, seed, time.perf_counter() - started)
         write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, figures=False)
     return write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, figures=figures)

@@ -138,6 +138,14 @@ def bench(
             "seed). Finish with one unsharded call to write the complete comparison."
         ),
     ] = "0/1",
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Train nothing: write results.json, report.md and the figures from the stages already finished in "
+            "--out (each method reports the seeds it has; unfinished ones are listed in the log).",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars with the time left.")] = True,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "warning",
 ) -> None:
@@ -188,6 +196,7 @@ def bench(
                 events=on_event,
                 figures=not no_figures,
                 shard=(part, parts),
+                report_only=report_only,
             )
     except (ConfigError, BenchError, BenchDataError, SiteDataError, SampleFetchError) as err:
         console.print(f"[bold red]error:[/] {err}")

@@ -110,6 +110,21 @@ def test_bench_schema_for_the_other_baselines_and_resume(tmp_path: Path) -> None
     assert again["methods"]["ewc"]["acc"] == results["methods"]["ewc"]["acc"]
 
 
+def test_report_only_trains_nothing_and_reports_the_seeds_each_method_has(tmp_path: Path) -> None:
+    settings = _fast_settings()
+    data = synthetic_bench_data(settings.first_stage_config(0))
+    run_bench(settings=settings, methods=["finetune"], data=data, out_dir=tmp_path, seeds=1, figures=False)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("manifest.json"))
+    report = run_bench(
+        settings=settings, methods=["finetune", "ewc"], data=data, out_dir=tmp_path, seeds=2, report_only=True
+    )
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("manifest.json"))
+    assert after == before, "report only must not train a stage"
+    assert report["methods"]["finetune"]["seeds"] == 1
+    assert "ewc" not in report["methods"], "a method with no finished seed is left out, not invented"
+    assert "**finetune**" in (tmp_path / "report.md").read_text()
+
+
 def test_bench_refuses_an_output_folder_of_other_settings(tmp_path: Path) -> None:
     settings = _fast_settings()
     data = synthetic_bench_data(settings.first_stage_config(0))
