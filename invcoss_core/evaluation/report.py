@@ -172,7 +172,9 @@ def render_report(results: Mapping[str, Any]) -> str:
     out += [
         f"Stages: {' → '.join(order)}. Seeds per method: {seeds}. Data: {results['data']['source']} "
         f"(training samples {results['data']['train_samples']}, held-out {results['data']['val_samples']}). "
-        f"Wall time {_duration(results.get('wall_seconds'))}.",
+        f"Compute {_duration(results.get('compute_seconds'))} (training, replay production and evaluation summed "
+        f"over every stored run; a stage resumed after an interruption counts its resumed part only); this call's "
+        f"wall time {_duration(results.get('wall_seconds'))}.",
         "",
         "## Forgetting check",
         "",
