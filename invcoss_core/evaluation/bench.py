@@ -32,7 +32,8 @@ import torch
 
 from invcoss_core.artifact import REAL_BUFFER, Artifact, encode_artifact, read_artifact_dir, write_artifact_dir
 from invcoss_core.config import StageConfig
-from invcoss_core.evaluation.data import BenchData, TensorImages
+from invcoss_core.data import TensorImages
+from invcoss_core.evaluation.data import BenchData
 from invcoss_core.evaluation.evaluate import StageEval, evaluate_model, probe_model, probe_pixels
 from invcoss_core.evaluation.joint import JointReplay
 from invcoss_core.evaluation.metrics import (

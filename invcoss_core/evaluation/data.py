@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from invcoss_core.config import StageConfig
 from invcoss_core.data import list_probe_tasks, load_probe_task, load_site_dataset
@@ -21,23 +20,6 @@ logger = logging.getLogger(__name__)
 
 class BenchDataError(ValueError):
     """The benchmark's data cannot be assembled (a modality or a requested probe task is missing)."""
-
-
-class TensorImages(Dataset[torch.Tensor]):
-    """A dataset over a stacked (N, C, *spatial) tensor (what `run_stage` trains on)."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
-
-    def tensors(self) -> torch.Tensor:
-        """All images, (N, C, *spatial)."""
-        return self.images
 
 
 @dataclass(frozen=True)

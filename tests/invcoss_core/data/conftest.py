@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from invcoss_core.config import DataConfig, ModalitySpec, StageConfig, build_config
-from invcoss_core.data.errors import SampleFetchError
-from invcoss_core.data.samples import default_samples_dir, fetch_samples
 from tests.invcoss_core.data.factories import (
     ct_phantom,
     he_tile,
@@ -60,17 +57,3 @@ def site(tmp_path: Path) -> Path:
     write_png(root / "xray" / "x2.png", xray_image(seed=2))
     write_tiff(root / "xray" / "x3.tif", xray_image(seed=3))
     return root
-
-
-@pytest.fixture(scope="session")
-def sample_data() -> Path:
-    """The real sample data (`invcoss samples fetch` into $INVCOSS_SAMPLES_DIR or the user cache, once).
-
-    Skips when the fetch is impossible, unless $INVCOSS_REQUIRE_SAMPLES is set (CI), where it fails.
-    """
-    try:
-        return fetch_samples(default_samples_dir(), progress=False)
-    except (SampleFetchError, OSError) as err:
-        if os.environ.get("INVCOSS_REQUIRE_SAMPLES"):
-            pytest.fail(f"INVCOSS_REQUIRE_SAMPLES is set but the sample fetch failed: {err}")
-        pytest.skip(f"sample data unavailable: {err}")

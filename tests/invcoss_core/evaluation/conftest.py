@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
 import torch
 
 from invcoss_core.config import StageConfig
-from invcoss_core.data import SampleFetchError, default_samples_dir, fetch_samples
 from invcoss_core.evaluation.data import BenchData, ModalityData, ProbeTask
 from tests.helpers import structured_images
-
-
-@pytest.fixture(scope="session")
-def sample_data() -> Path:
-    """The real sample data (`invcoss samples fetch`); skips when it cannot be fetched, unless
-    $INVCOSS_REQUIRE_SAMPLES is set (CI), where it fails."""
-    try:
-        return fetch_samples(default_samples_dir(), progress=False)
-    except (SampleFetchError, OSError) as err:
-        if os.environ.get("INVCOSS_REQUIRE_SAMPLES"):
-            pytest.fail(f"INVCOSS_REQUIRE_SAMPLES is set but the sample fetch failed: {err}")
-        pytest.skip(f"sample data unavailable: {err}")
 
 
 def _task(name: str, modality: str, shape: tuple[int, ...], seed: int) -> ProbeTask:

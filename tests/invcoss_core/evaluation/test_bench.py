@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from invcoss_core.data import TensorImages
 from invcoss_core.evaluation.bench import BenchError, finish_stage, run_bench
-from invcoss_core.evaluation.data import TensorImages
 from invcoss_core.evaluation.joint import JointReplay
 from invcoss_core.evaluation.probes import ProbeSettings
 from invcoss_core.evaluation.recon import ReconSettings
