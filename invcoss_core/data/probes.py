@@ -19,6 +19,12 @@ Splits keep a subject on one side (30 % of subjects for testing, seeded, chosen 
 When no such subject split exists (one subject, or a class from one subject only), the split is by region: the
 first 70 % of each image's longest axis is for training, the rest for testing, and patches that straddle the cut
 are dropped. ``ProbeSet.split_note`` says which.
+
+Besides that primary split, ``ProbeSet.folds`` holds cross-validation folds over the same samples (the primary
+split first): with a subject split, every other choice of test subjects that keeps every class on both sides
+(leave-one-subject-out for two to four subjects); with a region split, the mirrored cut (the first 30 % tests).
+With two subjects and one held-out subject per fold, one fold alone measures the shift between two patients as
+much as the encoder; the mean over folds tests every subject once.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 TASKS_FILE = Path("labels") / "tasks.json"
 TEST_FRACTION = 0.3  # share of subjects (or of each image's longest axis) used for testing
+MAX_FOLDS = 5  # cross-validation folds kept per task (the primary split included)
 TISSUE_CONFIDENCE = 0.6
 HU_CLASSES: tuple[tuple[str, float, float], ...] = (
     ("air_lung", -math.inf, -600.0),
@@ -138,8 +145,14 @@ class ProbeSet:
     classes: list[str]
     modality: str
     pseudo: bool  # True: labels are pseudo-labels (say so in reports)
-    train_mask: torch.Tensor  # (N,) bool; test = ~train_mask
+    train_mask: torch.Tensor  # (N,) bool; test = ~train_mask (the primary split: folds[0])
     split_note: str  # "subject-level ..." or "region-level ..." and why
+    folds: torch.Tensor | None = None  # (K, N) int8 per fold: 1 train, 0 test, -1 unused; row 0 = train_mask
+
+    @property
+    def num_folds(self) -> int:
+        """Cross-validation folds available (1 when only the primary split exists)."""
+        return 1 if self.folds is None else int(self.folds.shape[0])
 
 
 @dataclass
@@ -263,14 +276,16 @@ def load_probe_task(
     keep = _cap_classes(samples.labels, len(classes), cap, np.random.default_rng(stable_seed(seed, task, "cap")))
     if not keep.size:
         raise SiteDataError(f"probe task {task!r}: no labelled patch could be cut at size {spec.img_size}")
-    flags, note = _split(samples, keep, len(classes), seed, task)
+    all_flags, note = _split(samples, keep, len(classes), seed, task)
+    flags = all_flags[0]
     final = keep[~np.isnan(flags[keep])]
     x = torch.from_numpy(np.stack([samples.patches[i] for i in final]).astype(np.float32))
     y = torch.tensor([samples.labels[i] for i in final], dtype=torch.int64)
     subjects = [samples.subjects[i] for i in final]
     mask = torch.from_numpy(flags[final] == 1.0)
+    folds = torch.from_numpy(np.nan_to_num(np.stack([f[final] for f in all_flags]), nan=-1.0).astype(np.int8))
     logger.info("probe %s: %d samples (%d train), %s", task, len(y), int(mask.sum()), note)
-    return ProbeSet(task, x, y, subjects, classes, modality, bool(entry["pseudo"]), mask, note)
+    return ProbeSet(task, x, y, subjects, classes, modality, bool(entry["pseudo"]), mask, note, folds)
 
 
 def _source(root: Path, rel: str, spatial_dims: int) -> ImageSource:
@@ -433,8 +448,16 @@ def _cap_classes(labels: list[int], n_classes: int, cap: int, rng: np.random.Gen
     return np.sort(np.concatenate(keep)) if keep else np.array([], dtype=np.int64)
 
 
-def _split(samples: _Samples, keep: np.ndarray, n_classes: int, seed: int, task: str) -> tuple[np.ndarray, str]:
-    """Per-sample train flag (1.0 train, 0.0 test, NaN dropped) for every sample index, and a note."""
+def _covers(labels: np.ndarray, is_test: np.ndarray, present: list[int]) -> bool:
+    """True when every present class has samples on both sides of the split."""
+    return all(np.any(labels[is_test] == c) and np.any(labels[~is_test] == c) for c in present)
+
+
+def _split(samples: _Samples, keep: np.ndarray, n_classes: int, seed: int, task: str) -> tuple[list[np.ndarray], str]:
+    """Per-fold, per-sample train flags (1.0 train, 0.0 test, NaN unused) over every sample index, and a note.
+
+    The first fold is the primary split (see the module docstring); the others are the cross-validation folds.
+    """
     labels = np.array(samples.labels)
     subjects = np.array(samples.subjects)
     present = sorted(set(labels[keep].tolist()))
@@ -445,24 +468,44 @@ def _split(samples: _Samples, keep: np.ndarray, n_classes: int, seed: int, task:
         for _ in range(200):
             order = rng.permutation(len(names))
             test = {names[i] for i in order[:count]}
-            is_test = np.isin(subjects[keep], list(test))
-            if all(np.any(labels[keep][is_test] == c) and np.any(labels[keep][~is_test] == c) for c in present):
-                flags = np.full(len(labels), np.nan)
-                flags[keep] = (~is_test).astype(float)
-                return flags, f"subject-level split: test subjects {sorted(test)} of {len(names)}"
-    flags = np.full(len(labels), np.nan)
-    for i in keep:
-        cut = round(samples.axis_length[i] * (1.0 - TEST_FRACTION))
-        if samples.axis_start[i] + samples.crop_length[i] <= cut:
-            flags[i] = 1.0
-        elif samples.axis_start[i] >= cut:
-            flags[i] = 0.0
+            if _covers(labels[keep], np.isin(subjects[keep], list(test)), present):
+                break
+        else:
+            test = set()
+        if test:
+            others = [set(group) for group in itertools.combinations(names, count) if set(group) != test]
+            shuffle = np.random.default_rng(stable_seed(seed, task, "folds")).permutation(len(others))
+            folds = []
+            for group in [test] + [others[i] for i in shuffle]:
+                is_test = np.isin(subjects[keep], list(group))
+                if _covers(labels[keep], is_test, present):
+                    flags = np.full(len(labels), np.nan)
+                    flags[keep] = (~is_test).astype(float)
+                    folds.append(flags)
+                if len(folds) == MAX_FOLDS:
+                    break
+            note = f"subject-level split: test subjects {sorted(test)} of {len(names)}"
+            return folds, note + f"; {len(folds)} cross-validation folds over the subjects"
+    folds = []
+    for test_first in (False, True):  # primary: the last 30 % tests; mirrored: the first 30 % tests
+        flags = np.full(len(labels), np.nan)
+        for i in keep:
+            length, start, end = (
+                samples.axis_length[i],
+                samples.axis_start[i],
+                samples.axis_start[i] + samples.crop_length[i],
+            )
+            cut = round(length * (TEST_FRACTION if test_first else 1.0 - TEST_FRACTION))
+            before, after = end <= cut, start >= cut
+            if before or after:
+                flags[i] = float(after if test_first else before)
+        folds.append(flags)
     why = "one subject" if len(names) < 2 else "no subject split puts every class on both sides"
     note = (
         f"region-level split ({why}): first {1 - TEST_FRACTION:.0%} of each image's longest axis trains, "
         "the rest tests; patches across the cut dropped"
     )
-    train = flags[keep]
+    train = folds[0][keep]
     missing = [
         c
         for c in present
@@ -470,4 +513,7 @@ def _split(samples: _Samples, keep: np.ndarray, n_classes: int, seed: int, task:
     ]
     if missing:
         note += f"; classes {missing} are not on both sides"
-    return flags, note
+    usable = keep[~np.isnan(folds[0][keep]) & ~np.isnan(folds[1][keep])]
+    if not missing and _covers(labels[usable], folds[1][usable] == 0.0, present):
+        return folds, note + "; a second fold tests the first 30 % instead"
+    return folds[:1], note

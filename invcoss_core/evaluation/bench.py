@@ -335,15 +335,24 @@ def _load_record(path: Path, artifact: Artifact | None) -> StageRecord | None:
     return record if record.artifact_sha256 == artifact.sha256 else None
 
 
-def _data_digest(data: BenchData) -> str:
+def _image_digest(data: BenchData) -> str:
+    """What training depends on: the SSL images of every modality (a strided sample of them)."""
     digest = hashlib.sha256()
     for m in sorted(data.modalities):
         for tensor in (data.modalities[m].train, data.modalities[m].val):
             digest.update(tensor[:: max(1, tensor.shape[0] // 16)].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _task_digest(data: BenchData) -> str:
+    """What the probes depend on besides the settings: the tasks' labels, splits and folds."""
+    digest = hashlib.sha256()
     for task in data.tasks:
         digest.update(task.name.encode())
         digest.update(task.y.numpy().tobytes())
         digest.update(task.train_mask.numpy().tobytes())
+        if task.folds is not None:
+            digest.update(task.folds.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -697,13 +706,18 @@ def _fingerprint(settings: BenchSettings, data: BenchData) -> dict[str, Any]:
     return {
         "settings": settings.model_dump(mode="json", exclude=exclude),
         "first_stage": first,
-        "data": _data_digest(data),
+        "images": _image_digest(data),
     }
 
 
 def _eval_key(settings: BenchSettings, data: BenchData) -> str:
     blob = json.dumps(
-        {"eval": settings.model_dump(mode="json", include=_EVAL_FIELDS), "data": _data_digest(data)}, sort_keys=True
+        {
+            "eval": settings.model_dump(mode="json", include=_EVAL_FIELDS),
+            "images": _image_digest(data),
+            "tasks": _task_digest(data),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -1016,6 +1030,7 @@ def aggregate(
         "task_pseudo": [t.pseudo for t in data.tasks],
         "task_split": [t.split_note for t in data.tasks],
         "task_test_size": [int((~t.train_mask).sum()) for t in data.tasks],
+        "task_folds": [min(settings.probes.folds, t.num_folds) for t in data.tasks],
         "primary_probe": PRIMARY_PROBE,
         "methods": methods,
         "baselines": base,

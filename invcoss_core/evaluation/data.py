@@ -34,7 +34,11 @@ class ModalityData:
 
 @dataclass(frozen=True)
 class ProbeTask:
-    """One labelled probe task: x (N, C, *img_size), y (N,), train_mask (N,) bool (test = ~train_mask)."""
+    """One labelled probe task: x (N, C, *img_size), y (N,), train_mask (N,) bool (test = ~train_mask).
+
+    folds: (K, N) int8 cross-validation folds (1 train, 0 test, -1 unused), the first equal to train_mask; None
+    means the primary split only.
+    """
 
     name: str
     modality: str
@@ -44,11 +48,26 @@ class ProbeTask:
     classes: tuple[str, ...]
     pseudo: bool = False
     split_note: str = ""
+    folds: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         """Number of classes of the task."""
         return len(self.classes)
+
+    @property
+    def num_folds(self) -> int:
+        """Cross-validation folds available (1: the primary split only)."""
+        return 1 if self.folds is None else int(self.folds.shape[0])
+
+    def fold(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, test) sample indices of fold `k` (fold 0 is the primary split `train_mask`)."""
+        if k == 0 or self.folds is None:
+            if k >= self.num_folds:
+                raise IndexError(f"task {self.name} has {self.num_folds} folds, not {k + 1}")
+            return torch.nonzero(self.train_mask)[:, 0], torch.nonzero(~self.train_mask)[:, 0]
+        flags = self.folds[k]
+        return torch.nonzero(flags == 1)[:, 0], torch.nonzero(flags == 0)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,7 @@ def load_bench_data(
                 classes=tuple(probe.classes),
                 pseudo=probe.pseudo,
                 split_note=probe.split_note,
+                folds=probe.folds,
             )
         )
     probe_tasks.sort(key=lambda t: (order.index(t.modality), t.name))

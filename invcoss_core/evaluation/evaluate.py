@@ -48,18 +48,27 @@ class StageEval:
         )
 
 
-def _split(task: ProbeTask, settings: ProbeSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    train = torch.nonzero(task.train_mask)[:, 0]
-    test = torch.nonzero(~task.train_mask)[:, 0]
-    return train[stride_indices(train.numel(), settings.max_samples)], test[
-        stride_indices(test.numel(), settings.max_samples)
-    ]
+def _capped(indices: torch.Tensor, settings: ProbeSettings) -> torch.Tensor:
+    return indices[stride_indices(indices.numel(), settings.max_samples)]
 
 
 def task_scores(features: torch.Tensor, task: ProbeTask, settings: ProbeSettings) -> ProbeScores:
-    """Both probes of one task on precomputed features (N, D) of all its samples."""
-    train, test = _split(task, settings)
-    return probe_scores(features[train], task.y[train], features[test], task.y[test], task.num_classes, settings)
+    """Both probes of one task on precomputed features (N, D) of all its samples.
+
+    With `settings.folds` > 1 the scores are the mean over the task's first folds (see `ProbeTask.folds`), and
+    n_train / n_test are summed over them.
+    """
+    folds = [task.fold(k) for k in range(min(settings.folds, task.num_folds))]
+    scores = [
+        probe_scores(features[train], task.y[train], features[test], task.y[test], task.num_classes, settings)
+        for train, test in ((_capped(a, settings), _capped(b, settings)) for a, b in folds)
+    ]
+    return ProbeScores(
+        knn=sum(s.knn for s in scores) / len(scores),
+        linear=sum(s.linear for s in scores) / len(scores),
+        n_train=sum(s.n_train for s in scores),
+        n_test=sum(s.n_test for s in scores),
+    )
 
 
 def probe_model(

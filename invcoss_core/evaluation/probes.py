@@ -31,6 +31,9 @@ class ProbeSettings(BaseModel):
     linear_steps: int = Field(100, gt=0)  # L-BFGS iterations of the full-batch linear probe
     linear_weight_decay: float = Field(1e-3, ge=0)  # L2 on the weights, relative to the mean loss
     max_samples: int | None = Field(4000, gt=0)  # per task and split; a deterministic stride keeps the rest
+    # Cross-validation folds averaged per task (other held-out subjects, or the mirrored region cut), capped by
+    # what the task offers; 1 scores the primary split only.
+    folds: int = Field(1, gt=0)
     batch_size: int = Field(256, gt=0)  # feature extraction batch
 
 

@@ -315,10 +315,15 @@ def render_report(results: Mapping[str, Any]) -> str:
     out += _diagnostics_lines(results.get("diagnostics", {}))
     out += ["", "## Goals", "", *_goal_lines(methods), ""]
     out += ["## Notes", ""]
-    for t, note, n_test, pseudo in zip(
-        tasks, results.get("task_split", []), results.get("task_test_size", []), results.get("task_pseudo", [])
+    folds = results.get("task_folds") or [1] * len(tasks)
+    for t, note, n_test, pseudo, k in zip(
+        tasks, results.get("task_split", []), results.get("task_test_size", []), results.get("task_pseudo", []), folds
     ):
-        out.append(f"- `{t}`: {note}; {n_test} test samples{' (pseudo-labels, not a diagnosis)' if pseudo else ''}.")
+        scored = f"scored as the mean over {k} folds" if k > 1 else "scored on the primary split only"
+        out.append(
+            f"- `{t}`: {note}; {n_test} test samples in the primary split; {scored}"
+            f"{' (pseudo-labels, not a diagnosis)' if pseudo else ''}."
+        )
     out.append(
         "- Probe accuracies are balanced accuracies (mean per-class recall); the probe splits and held-out "
         "subjects are fixed across seeds, so the sd reflects training only."

@@ -152,3 +152,30 @@ def test_malformed_task_file_is_refused_with_a_fix(tmp_path: Path) -> None:
     (tmp_path / "labels" / "tasks.json").write_text(json.dumps({"tasks": {"t": {"modality": "ct"}}}))
     with pytest.raises(SiteDataError, match=r"lacks valid .*samples fetch --force"):
         list_probe_tasks(tmp_path)
+
+
+def test_subject_folds_test_every_subject_once_with_every_class_on_both_sides(
+    labelled: Path, tiny: StageConfig
+) -> None:
+    probe = load_probe_task(labelled, "mri_tumour", spec_of(tiny, "mri"), seed=1)
+    assert probe.folds is not None and probe.folds.shape == (probe.num_folds, len(probe.y))
+    assert torch.equal(probe.folds[0] == 1, probe.train_mask), "fold 0 is the primary split"
+    tested: list[str] = []
+    for flags in probe.folds:
+        train = {s for s, f in zip(probe.subjects, flags.tolist()) if f == 1}
+        test = {s for s, f in zip(probe.subjects, flags.tolist()) if f == 0}
+        assert train and test and train.isdisjoint(test)
+        for label in range(len(probe.classes)):
+            assert (probe.y[flags == 1] == label).any() and (probe.y[flags == 0] == label).any()
+        tested += sorted(test)
+    assert len(tested) == len(set(tested)), "one held-out subject per fold, never the same twice"
+    assert probe.num_folds >= 2 and "cross-validation folds" in probe.split_note
+
+
+def test_region_folds_mirror_the_cut(labelled: Path, tiny: StageConfig) -> None:
+    probe = load_probe_task(labelled, "mri_tissue", spec_of(tiny, "mri"), seed=0)
+    assert probe.folds is not None and probe.num_folds == 2 and "second fold" in probe.split_note
+    primary, mirrored = probe.folds
+    assert not bool(((primary == 0) & (mirrored == 0)).any()), "the last 30 % and the first 30 % never overlap"
+    for flags in probe.folds:
+        assert set(probe.y[flags == 0].tolist()) == set(probe.y[flags == 1].tolist()) == {0, 1, 2}

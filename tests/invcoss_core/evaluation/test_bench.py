@@ -125,6 +125,23 @@ def test_report_only_trains_nothing_and_reports_the_seeds_each_method_has(tmp_pa
     assert "**finetune**" in (tmp_path / "report.md").read_text()
 
 
+def test_changed_evaluation_settings_or_probe_tasks_re_evaluate_without_training(tmp_path: Path) -> None:
+    settings = _fast_settings()
+    data = synthetic_bench_data(settings.first_stage_config(0))
+    run_bench(settings=settings, methods=["finetune"], data=data, out_dir=tmp_path, figures=False)
+    manifests = sorted((tmp_path / "runs").rglob("manifest.json"))
+    stamps = [p.stat().st_mtime_ns for p in manifests]
+    record = tmp_path / "runs" / "finetune" / "seed0" / "stage2.json"
+    key = json.loads(record.read_text())["eval_key"]
+    other_probes = _fast_settings(probes=ProbeSettings(knn_k=3, linear_steps=5, folds=2))
+    run_bench(settings=other_probes, methods=["finetune"], data=data, out_dir=tmp_path, figures=False)
+    assert json.loads(record.read_text())["eval_key"] != key, "the stored evaluation is stale and redone"
+    # Probe tasks are evaluation only as well: another task set must not ask for a new output folder.
+    fewer = type(data)(data.modalities, data.tasks[:1], source=data.source)
+    run_bench(settings=other_probes, methods=["finetune"], data=fewer, out_dir=tmp_path, figures=False)
+    assert [p.stat().st_mtime_ns for p in manifests] == stamps, "no stage was trained again"
+
+
 def test_bench_refuses_an_output_folder_of_other_settings(tmp_path: Path) -> None:
     settings = _fast_settings()
     data = synthetic_bench_data(settings.first_stage_config(0))

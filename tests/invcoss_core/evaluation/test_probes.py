@@ -7,6 +7,7 @@ import torch
 
 from invcoss_core.evaluation.probes import (
     ProbeError,
+    ProbeScores,
     ProbeSettings,
     balanced_accuracy,
     knn_predict,
@@ -71,3 +72,27 @@ def test_pixel_features_pool_large_volumes() -> None:
     feats = pixel_features(torch.rand(3, 1, 32, 32, 32), max_dim=4096)
     assert feats.shape == (3, 4096)
     assert pixel_features(torch.rand(2, 3, 8, 8)).shape == (2, 192)
+
+
+def test_task_scores_average_the_folds() -> None:
+    # Subjects A (0-9) and C (20-39) carry the label in the sign of feature 0, subject B (10-19) the opposite sign.
+    # Fold 0 trains on A + C and tests B: always wrong. Fold 1 trains on B + C (C outweighs B) and tests A: right.
+    from invcoss_core.evaluation.data import ProbeTask
+    from invcoss_core.evaluation.evaluate import task_scores
+
+    y = torch.tensor([0, 1] * 20)
+    sign = torch.where(y == 1, 1.0, -1.0)
+    sign[10:20] *= -1
+    sign[20:] *= 2
+    features = torch.stack([sign, 1e-3 * torch.arange(40.0)], dim=1)
+    subject = torch.tensor([0] * 10 + [1] * 10 + [2] * 20)
+    fold0 = torch.where(subject == 1, 0, 1).to(torch.int8)
+    fold1 = torch.where(subject == 0, 0, 1).to(torch.int8)
+    task = ProbeTask("flip", "ct", torch.zeros(40, 1), y, fold0 == 1, ("a", "b"), folds=torch.stack([fold0, fold1]))
+
+    def scores(folds: int) -> ProbeScores:
+        return task_scores(features, task, ProbeSettings(knn_k=3, linear_steps=30, folds=folds))
+
+    assert scores(1).linear == 0.0 and scores(1).n_test == 10 and scores(1).n_train == 30
+    assert scores(2).linear == 0.5 and scores(2).n_test == 20 and scores(2).n_train == 60
+    assert scores(9).n_test == 20, "folds beyond what the task offers are not invented"
