@@ -1105,6 +1105,9 @@ def forgetting_check(
     drop = -_num(finetune["bwt"])
     drop_spread = _finite_max([_num(finetune["bwt_sd"])])
     probe_visible = bool(drop > 0 and math.isfinite(drop_spread) and drop > 2 * drop_spread)
+    # The kNN probe, reported beside the primary (linear) probe; the verdict stays on the primary probe.
+    knn_drop = -_num(finetune.get("bwt_knn"))
+    knn_spread = _finite_max([_num(finetune.get("bwt_knn_sd"))])
     recon_visible = all(v["visible"] for v in modalities.values())
     return {
         "seeds": seeds,
@@ -1112,6 +1115,9 @@ def forgetting_check(
         "probe_drop": drop,
         "probe_drop_spread": drop_spread,
         "probe_visible": probe_visible,
+        "knn_probe_drop": knn_drop,
+        "knn_probe_drop_spread": knn_spread,
+        "knn_probe_visible": bool(knn_drop > 0 and math.isfinite(knn_spread) and knn_drop > 2 * knn_spread),
         "recon_visible": recon_visible,
         "visible": (recon_visible and probe_visible) if seeds > 1 else None,
         "bwt_per_seed": per_seed.get("bwt"),

@@ -65,9 +65,16 @@ def forgetting_sentence(results: Mapping[str, Any]) -> str:
     ]
     drop = 100 * _num(check["probe_drop"])
     probe = (
-        f"mean probe accuracy on earlier tasks {'fell' if drop > 0 else 'rose'} by {abs(drop):.1f} points "
+        f"mean linear-probe accuracy on earlier tasks {'fell' if drop > 0 else 'rose'} by {abs(drop):.1f} points "
         f"(BWT {-drop:+.1f}, seed sd {_pct(check['probe_drop_spread'])})"
     )
+    if "knn_probe_drop" in check:
+        knn = 100 * _num(check["knn_probe_drop"])
+        probe += (
+            f"; kNN probe: {'fell' if knn > 0 else 'rose'} by {abs(knn):.1f} points (seed sd "
+            f"{_pct(check['knn_probe_drop_spread'])}; {'beyond' if check['knn_probe_visible'] else 'within'} twice "
+            "the spread)"
+        )
     if check["visible"] is None:
         verdict = f"Forgetting cannot be judged against the seed spread with {check['seeds']} seed"
     elif check["visible"]:
@@ -77,7 +84,7 @@ def forgetting_sentence(results: Mapping[str, Any]) -> str:
     detail = (
         f"earlier-modality held-out reconstruction loss of `finetune` {'; '.join(parts)}; {probe}. "
         f"Criterion: both rises exceed twice the seed spread (reconstruction: {check['recon_visible']}, "
-        f"probes: {check['probe_visible']})."
+        f"primary (linear) probe: {check['probe_visible']})."
     )
     return f"{verdict}: {detail}"
 

@@ -215,3 +215,16 @@ def test_forgetting_is_visible_only_beyond_twice_the_seed_spread() -> None:
     assert noisy["recon_visible"] is False and noisy["visible"] is False
     helped = forgetting_check(_finetune_entry(0.3, 0.05, 0.05, 0.01), order, tasks, task_stage)
     assert helped["probe_visible"] is False
+
+
+def test_forgetting_check_reports_the_knn_probe_beside_the_linear_verdict() -> None:
+    from invcoss_core.evaluation.bench import forgetting_check
+    from invcoss_core.evaluation.report import forgetting_sentence
+
+    entry = {**_finetune_entry(0.3, 0.05, -0.005, 0.01), "bwt_knn": -0.035, "bwt_knn_sd": 0.007}
+    check = forgetting_check(entry, ["ct", "mri", "pathology"], ["a", "b", "c"], [0, 1, 2])
+    assert check["knn_probe_visible"] is True and check["knn_probe_drop"] == pytest.approx(0.035)
+    assert check["probe_visible"] is False and check["visible"] is False, "the verdict stays on the linear probe"
+    sentence = forgetting_sentence({"forgetting": check})
+    assert "kNN probe: fell by 3.5 points" in sentence and "beyond twice" in sentence
+    assert sentence.startswith("Forgetting was NOT clearly visible")
