@@ -490,13 +490,9 @@ def _split(samples: _Samples, keep: np.ndarray, n_classes: int, seed: int, task:
     for test_first in (False, True):  # primary: the last 30 % tests; mirrored: the first 30 % tests
         flags = np.full(len(labels), np.nan)
         for i in keep:
-            length, start, end = (
-                samples.axis_length[i],
-                samples.axis_start[i],
-                samples.axis_start[i] + samples.crop_length[i],
-            )
-            cut = round(length * (TEST_FRACTION if test_first else 1.0 - TEST_FRACTION))
-            before, after = end <= cut, start >= cut
+            start = samples.axis_start[i]
+            cut = round(samples.axis_length[i] * (TEST_FRACTION if test_first else 1.0 - TEST_FRACTION))
+            before, after = start + samples.crop_length[i] <= cut, start >= cut
             if before or after:
                 flags[i] = float(after if test_first else before)
         folds.append(flags)

@@ -1075,6 +1075,11 @@ def _finite_max(values: Sequence[float]) -> float:
     return max(finite) if finite else math.nan
 
 
+def _beyond_twice(change: float, spread: float) -> bool:
+    """A positive change larger than twice a known (finite) seed spread."""
+    return bool(change > 0 and math.isfinite(spread) and change > 2 * spread)
+
+
 def forgetting_check(
     finetune: Mapping[str, Any] | None, order: Sequence[str], tasks: Sequence[str], task_stage: Sequence[int]
 ) -> dict[str, Any]:
@@ -1100,11 +1105,11 @@ def forgetting_check(
             "final": float(rec[last, m]),
             "rise": rise,
             "spread": spread,
-            "visible": bool(rise > 0 and math.isfinite(spread) and rise > 2 * spread),
+            "visible": _beyond_twice(rise, spread),
         }
     drop = -_num(finetune["bwt"])
     drop_spread = _finite_max([_num(finetune["bwt_sd"])])
-    probe_visible = bool(drop > 0 and math.isfinite(drop_spread) and drop > 2 * drop_spread)
+    probe_visible = _beyond_twice(drop, drop_spread)
     # The kNN probe, reported beside the primary (linear) probe; the verdict stays on the primary probe.
     knn_drop = -_num(finetune.get("bwt_knn"))
     knn_spread = _finite_max([_num(finetune.get("bwt_knn_sd"))])
@@ -1117,7 +1122,7 @@ def forgetting_check(
         "probe_visible": probe_visible,
         "knn_probe_drop": knn_drop,
         "knn_probe_drop_spread": knn_spread,
-        "knn_probe_visible": bool(knn_drop > 0 and math.isfinite(knn_spread) and knn_drop > 2 * knn_spread),
+        "knn_probe_visible": _beyond_twice(knn_drop, knn_spread),
         "recon_visible": recon_visible,
         "visible": (recon_visible and probe_visible) if seeds > 1 else None,
         "bwt_per_seed": per_seed.get("bwt"),

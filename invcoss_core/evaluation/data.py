@@ -62,11 +62,8 @@ class ProbeTask:
 
     def fold(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(train, test) sample indices of fold `k` (fold 0 is the primary split `train_mask`)."""
-        if k == 0 or self.folds is None:
-            if k >= self.num_folds:
-                raise IndexError(f"task {self.name} has {self.num_folds} folds, not {k + 1}")
-            return torch.nonzero(self.train_mask)[:, 0], torch.nonzero(~self.train_mask)[:, 0]
-        flags = self.folds[k]
+        rows = self.folds if self.folds is not None else self.train_mask.to(torch.int8)[None]
+        flags = rows[k]
         return torch.nonzero(flags == 1)[:, 0], torch.nonzero(flags == 0)[:, 0]
 
 
