@@ -822,6 +822,7 @@ def run_bench(
     run.tracker.total = total
     baselines = run.baselines(max_seeds)
     records: dict[str, list[list[StageRecord]]] = {m: [] for m in methods}
+    seed_ids: dict[str, list[int]] = {m: [] for m in methods}  # which seed each entry of records[m] is
     shared: dict[int, tuple[Artifact, StageRecord]] = {}
     for _, seed, _, method in jobs:
         spec = METHODS[method]
@@ -835,9 +836,10 @@ def run_bench(
         except _NotTrainedError as missing:
             logger.warning("%s seed %d left out: %s was not trained (report only)", method, seed, missing.args[0])
             continue
+        seed_ids[method].append(seed)
         logger.info("%s seed %d done (%.0f s elapsed)", method, seed, time.perf_counter() - started)
-        write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, figures=False)
-    return write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, figures=figures)
+        write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, False, seed_ids)
+    return write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, figures, seed_ids)
 
 
 def write_outputs(
@@ -848,11 +850,12 @@ def write_outputs(
     baselines: Mapping[str, Any],
     wall_seconds: float,
     figures: bool = True,
+    seed_ids: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Aggregate what has finished and (re)write results.json, report.md and, optionally, the figures."""
     from invcoss_core.evaluation.report import render_report
 
-    results: dict[str, Any] = _jsonable(aggregate(settings, data, records, baselines, root=out))
+    results: dict[str, Any] = _jsonable(aggregate(settings, data, records, baselines, root=out, seed_ids=seed_ids))
     results["wall_seconds"] = wall_seconds
     results["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if figures:
@@ -943,6 +946,7 @@ def aggregate(
     records: Mapping[str, Sequence[Sequence[StageRecord]]],
     baselines: Mapping[str, Any],
     root: Path | None = None,
+    seed_ids: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Turn per-seed stage records into the results dictionary (means ± sd over seeds).
 
@@ -951,8 +955,9 @@ def aggregate(
     "recon_refit", "recon_refit_sd" (decoder probe; null when disabled), "avg_prev", "avg_prev_sd", "avg_prev_knn",
     "avg_prev_knn_sd", "avg_final", "bwt", "bwt_sd", "bwt_knn", "bwt_knn_sd", "recon_prev", "recon_prev_sd",
     "recon_increase", "recon_increase_sd", "handoff_bytes", "replay_bytes_real", "seconds", "seconds_sd",
-    "inversion_seconds", "replay_seconds", "final_model" (relative to `root`), "seeds", "stages", "per_seed"}},
-    "baselines", "forgetting", "compute_seconds"}. Joint has one row; its BWT is null.
+    "inversion_seconds", "replay_seconds", "final_model" (relative to `root`), "seeds", "seed_ids" (the seed of each
+    `per_seed` entry; `seed_ids[name]`, else 0, 1, ...), "stages", "per_seed"}}, "baselines", "forgetting",
+    "compute_seconds"}. Joint has one row; its BWT is null.
     """
     order = settings.order
     tasks = [t.name for t in data.tasks]
@@ -972,6 +977,7 @@ def aggregate(
         entry: dict[str, Any] = {
             "description": spec.description,
             "seeds": len(runs),
+            "seed_ids": list(seed_ids[name]) if seed_ids and name in seed_ids else list(range(len(runs))),
             "stages": list(order) if spec.sequential else ["joint"],
         }
         for key, mats in (("acc", lin), ("acc_knn", knn), ("recon", rec), ("recon_refit", ref)):

@@ -12,7 +12,7 @@ The last stage is S - 1; "earlier" tasks or modalities are those whose stage is 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,3 +172,80 @@ def elementwise_mean_sd(matrices: Sequence[Matrix]) -> tuple[np.ndarray, np.ndar
         cell = mean_sd(list(stack[(slice(None), *idx)]))
         mean[idx], sd[idx] = cell.mean, cell.sd
     return mean, sd
+
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (standard table values); beyond 30 the
+# value for 30 is used, slightly wider than the true one (1.96 in the limit).
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def t975(df: int) -> float:
+    """Two-sided 95 % Student-t quantile for `df` ≥ 1 degrees of freedom (table; 2.042 beyond 30)."""
+    if df < 1:
+        raise MetricError(f"t quantile needs at least 1 degree of freedom, got {df}")
+    return _T975[min(df, len(_T975)) - 1]
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean ± sample sd over the seeds both methods ran of (a − b), its standard error and 95 % t-interval."""
+
+    mean: float
+    sd: float
+    se: float  # sd / sqrt(n); NaN with fewer than two common seeds
+    n: int
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95 % confidence interval of the mean difference (Student t, n − 1 df); NaNs below two seeds."""
+        if self.n < 2 or not math.isfinite(self.se):
+            return (math.nan, math.nan)
+        half = t975(self.n - 1) * self.se
+        return (self.mean - half, self.mean + half)
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> PairedDifference:
+    """Per-seed differences a[seed] − b[seed] over the seeds both hold a finite value for.
+
+    Methods that share a seed share its first stage and data order, so the paired difference removes the part of
+    the seed-to-seed spread the two have in common: the same mean difference, usually a much smaller sd.
+
+    Args:
+        a, b: seed id → value (e.g. avg_prev per seed).
+    """
+    common = sorted(k for k in a if k in b)
+    diffs = [a[k] - b[k] for k in common if math.isfinite(a[k]) and math.isfinite(b[k])]
+    ms = mean_sd(diffs)
+    se = ms.sd / math.sqrt(ms.n) if ms.n > 1 else math.nan
+    return PairedDifference(ms.mean, ms.sd, se, ms.n)

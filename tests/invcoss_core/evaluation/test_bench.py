@@ -45,6 +45,7 @@ def check_results_schema(results: dict[str, Any], methods: list[str], out: Path)
         for key in ("avg_prev", "seconds", "inversion_seconds"):
             assert isinstance(m[key], float), (name, key)
         assert _is_number_or_null(m["bwt"])
+        assert m["seed_ids"] == sorted(set(m["seed_ids"])) and len(m["seed_ids"]) == m["seeds"], name
         assert (m["bwt"] is None) == (not METHODS[name].sequential)
         assert isinstance(m["handoff_bytes"], int) and m["handoff_bytes"] > 0
         assert isinstance(m["replay_bytes_real"], int) and m["replay_bytes_real"] > 0
@@ -120,7 +121,7 @@ def test_report_only_trains_nothing_and_reports_the_seeds_each_method_has(tmp_pa
     )
     after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("manifest.json"))
     assert after == before, "report only must not train a stage"
-    assert report["methods"]["finetune"]["seeds"] == 1
+    assert report["methods"]["finetune"]["seeds"] == 1 and report["methods"]["finetune"]["seed_ids"] == [0]
     assert "ewc" not in report["methods"], "a method with no finished seed is left out, not invented"
     assert "**finetune**" in (tmp_path / "report.md").read_text()
 
@@ -228,3 +229,31 @@ def test_forgetting_check_reports_the_knn_probe_beside_the_linear_verdict() -> N
     sentence = forgetting_sentence({"forgetting": check})
     assert "kNN probe: fell by 3.5 points" in sentence and "beyond twice" in sentence
     assert sentence.startswith("Forgetting was NOT clearly visible")
+
+
+def _goal_entry(avg_prev: list[float], recon: list[float], seed_ids: list[int]) -> dict[str, Any]:
+    mean = sum(avg_prev) / len(avg_prev)
+    return {
+        "avg_prev": mean,
+        "avg_prev_knn": mean,
+        "recon_prev": sum(recon) / len(recon),
+        "seed_ids": seed_ids,
+        "per_seed": {"avg_prev": avg_prev, "avg_prev_knn": avg_prev, "recon_prev": recon},
+    }
+
+
+def test_goals_pair_the_methods_by_seed_and_say_when_the_seeds_do_not_resolve_them() -> None:
+    from invcoss_core.evaluation.report import _goal_lines
+
+    # finetune's seeds vary by 10 points; invcoss is 4 points above it in every seed (paired sd 0)
+    fine = _goal_entry([0.60, 0.70, 0.80], [1.0, 1.1, 1.2], [0, 1, 2])
+    inv = _goal_entry([0.64, 0.74, 0.84, 0.10], [0.8, 0.9, 1.0, 5.0], [0, 1, 2, 7])  # seed 7 has no partner
+    buf = _goal_entry([0.70, 0.70, 0.80], [0.8, 0.92, 0.98], [0, 1, 2])
+    lines = _goal_lines({"invcoss": inv, "finetune": fine, "real_buffer": buf})
+    linear_fine, _knn_fine, recon_fine, linear_buf, _knn_buf, recon_buf = lines
+    assert "paired over 3 seeds: +4.0 ± 0.0 points" in linear_fine and "met with 95 % confidence" in linear_fine
+    assert "NOT met (goal: ≥ finetune + 3 points)" in linear_fine, "the unpaired mean includes the unpaired seed"
+    assert "+0.200 ± 0.000 lower for invcoss" in recon_fine and "met with 95 % confidence" in recon_fine
+    # vs the buffer: differences -6, +4, +4 points: the -1 point goal lies inside the interval
+    assert "paired over 3 seeds: +0.7 ± 5.8 points" in linear_buf and "not resolved by these seeds" in linear_buf
+    assert "not resolved" in recon_buf

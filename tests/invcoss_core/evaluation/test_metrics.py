@@ -14,7 +14,9 @@ from invcoss_core.evaluation.metrics import (
     elementwise_mean_sd,
     forgetting,
     mean_sd,
+    paired_difference,
     recon_increase,
+    t975,
 )
 
 NAN = math.nan
@@ -93,3 +95,36 @@ def test_elementwise_mean_sd_over_seeds() -> None:
     assert mean[0, 0] == pytest.approx(2.0)
     assert sd[0, 0] == pytest.approx(math.sqrt(2.0))
     assert math.isnan(mean[0, 1])
+
+
+def test_paired_difference_by_seed_id_hand_computed() -> None:
+    # seeds 0, 1, 2, 4 of a and 0, 1, 2, 3 of b: only 0, 1, 2 pair; differences 0.02, 0.04, 0.06
+    a = {0: 0.70, 1: 0.66, 2: 0.75, 4: 0.10}
+    b = {0: 0.68, 1: 0.62, 2: 0.69, 3: 0.99}
+    d = paired_difference(a, b)
+    assert d.n == 3 and d.mean == pytest.approx(0.04) and d.sd == pytest.approx(0.02)
+    assert d.se == pytest.approx(0.02 / math.sqrt(3))
+    low, high = d.ci95
+    assert low == pytest.approx(0.04 - 4.303 * 0.02 / math.sqrt(3)) and high == pytest.approx(
+        0.04 + 4.303 * 0.02 / 3**0.5
+    )
+
+
+def test_paired_difference_removes_the_spread_two_methods_share() -> None:
+    shared = {0: 0.60, 1: 0.70, 2: 0.80}  # a seed effect both methods carry
+    a = {k: v + 0.03 for k, v in shared.items()}
+    d = paired_difference(a, shared)
+    assert d.mean == pytest.approx(0.03) and d.sd == pytest.approx(0.0, abs=1e-12)
+    assert mean_sd(list(a.values())).sd == pytest.approx(0.1)  # unpaired, the seed effect hides it
+
+
+def test_paired_difference_of_one_seed_has_no_interval() -> None:
+    d = paired_difference({0: 0.5}, {0: 0.4, 1: 0.3})
+    assert d.n == 1 and d.mean == pytest.approx(0.1) and math.isnan(d.sd) and all(map(math.isnan, d.ci95))
+    assert paired_difference({0: 0.5}, {1: 0.4}).n == 0
+
+
+def test_t975_table() -> None:
+    assert t975(1) == pytest.approx(12.706) and t975(4) == pytest.approx(2.776) and t975(100) == pytest.approx(2.042)
+    with pytest.raises(MetricError):
+        t975(0)
