@@ -42,6 +42,7 @@ from invcoss_core.evaluation.metrics import (
     elementwise_mean_sd,
     mean_sd,
     recon_increase,
+    task_backward_transfer,
 )
 from invcoss_core.evaluation.recon import decoder_probe_loss, decoder_state, own_decoder_loss
 from invcoss_core.evaluation.settings import METHODS, BenchSettings, MethodSpec
@@ -955,7 +956,8 @@ def aggregate(
     "recon_refit", "recon_refit_sd" (decoder probe; null when disabled), "avg_prev", "avg_prev_sd", "avg_prev_knn",
     "avg_prev_knn_sd", "avg_final", "bwt", "bwt_sd", "bwt_knn", "bwt_knn_sd", "recon_prev", "recon_prev_sd",
     "recon_increase", "recon_increase_sd", "handoff_bytes", "replay_bytes_real", "seconds", "seconds_sd",
-    "inversion_seconds", "replay_seconds", "final_model" (relative to `root`), "seeds", "seed_ids" (the seed of each
+    "inversion_seconds", "replay_seconds", "task_bwt", "task_bwt_sd", "task_bwt_knn", "task_bwt_knn_sd" (per earlier
+    task; sequential methods only), "final_model" (relative to `root`), "seeds", "seed_ids" (the seed of each
     `per_seed` entry; `seed_ids[name]`, else 0, 1, ...), "stages", "per_seed"}}, "baselines", "forgetting",
     "compute_seconds"}. Joint has one row; its BWT is null.
     """
@@ -996,6 +998,11 @@ def aggregate(
         if spec.sequential:
             per_seed["bwt"] = [backward_transfer(m, task_stage) for m in lin]
             per_seed["bwt_knn"] = [backward_transfer(m, task_stage) for m in knn]
+            for key, mats in (("task_bwt", lin), ("task_bwt_knn", knn)):
+                per_task = [task_backward_transfer(m, task_stage) for m in mats]
+                stats = [_ms([row[j] for row in per_task]) for j in range(len(tasks))]
+                entry[key] = {t: stats[j][0] for j, t in enumerate(tasks) if task_stage[j] < num_stages - 1}
+                entry[f"{key}_sd"] = {t: stats[j][1] for j, t in enumerate(tasks) if task_stage[j] < num_stages - 1}
             increases = [recon_increase(r, list(range(num_stages))) for r in rec]
             entry["recon_increase"] = {order[m]: _ms([inc[m] for inc in increases])[0] for m in earlier}
             entry["recon_increase_sd"] = {order[m]: _ms([inc[m] for inc in increases])[1] for m in earlier}
@@ -1120,7 +1127,18 @@ def forgetting_check(
     knn_drop = -_num(finetune.get("bwt_knn"))
     knn_spread = _finite_max([_num(finetune.get("bwt_knn_sd"))])
     recon_visible = all(v["visible"] for v in modalities.values())
+    # Per earlier task (reported, not part of the verdict): where the probes' forgetting is beyond the seed noise.
+    per_task: dict[str, Any] = {}
+    for probe, key in (("linear", "task_bwt"), ("knn", "task_bwt_knn")):
+        for task, bwt in (finetune.get(key) or {}).items():
+            task_drop, task_spread = -_num(bwt), _finite_max([_num(finetune[f"{key}_sd"][task])])
+            per_task.setdefault(task, {})[probe] = {
+                "drop": task_drop,
+                "spread": task_spread,
+                "visible": _beyond_twice(task_drop, task_spread),
+            }
     return {
+        "tasks": per_task,
         "seeds": seeds,
         "recon": modalities,
         "probe_drop": drop,

@@ -95,13 +95,19 @@ def backward_transfer(acc: Matrix, task_stage: Sequence[int]) -> float:
     Returns:
         BWT, or NaN for a single stage or when no task is earlier than the last stage.
     """
+    return _nanmean(np.array(task_backward_transfer(acc, task_stage), dtype=float))
+
+
+def task_backward_transfer(acc: Matrix, task_stage: Sequence[int]) -> list[float]:
+    """Per-task backward transfer: acc[S - 1][j] - acc[t_j][j] for tasks with t_j < S - 1; NaN for the others.
+
+    Returns:
+        (J,) values; negative is forgetting. Their mean over the earlier tasks is :func:`backward_transfer`.
+    """
     a = _as_matrix(acc, "acc")
     owner = _check_stages(task_stage, a.shape[1], a.shape[0], "task_stage")
     last = a.shape[0] - 1
-    earlier = np.nonzero(owner < last)[0]
-    if earlier.size == 0:
-        return math.nan
-    return _nanmean(np.array([a[last, j] - a[owner[j], j] for j in earlier]))
+    return [float(a[last, j] - a[owner[j], j]) if owner[j] < last else math.nan for j in range(a.shape[1])]
 
 
 def forgetting(acc: Matrix, task_stage: Sequence[int]) -> list[float]:

@@ -151,6 +151,43 @@ def _goal_lines(methods: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: Mapping[str, Any]) -> list[str]:
+    """Backward transfer per earlier task and probe (sequential methods), and where finetune's is beyond noise."""
+    sequential = {n: m for n, m in methods.items() if m.get("task_bwt")}
+    if not sequential or not earlier:
+        return []
+    out = [
+        "",
+        "### Backward transfer per earlier task (points; accuracy after the last stage minus after the task's own "
+        "stage; linear / kNN, mean ± sd over seeds)",
+        "",
+    ]
+    rows = []
+    for name, m in sequential.items():
+        cells = [
+            f"{_signed(m['task_bwt'].get(t), m['task_bwt_sd'].get(t))} / "
+            f"{_signed(m['task_bwt_knn'].get(t), m['task_bwt_knn_sd'].get(t))}"
+            for t in earlier
+        ]
+        rows.append([f"**{name}**", *cells])
+    out += _table(["method", *earlier], rows)
+    per_task = check.get("tasks") or {}
+    if per_task:
+        found = [
+            f"{task} ({probe}, {_signed(-v['drop'], v['spread'])})"
+            for task in earlier
+            for probe, v in per_task.get(task, {}).items()
+            if v.get("visible")
+        ]
+        out += [
+            "",
+            "`finetune` loses beyond twice its seed spread on: "
+            + (", ".join(found) if found else "no single task")
+            + "; every other task and probe changes within the noise of these seeds.",
+        ]
+    return out
+
+
 def _diagnostics_lines(diagnostics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
     if not diagnostics:
         return []
@@ -280,6 +317,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             ]
         )
     out += _table(["method", *task_header, "Avg prev", "BWT"], rows)
+    out += _task_bwt_lines(methods, [tasks[j] for j in earlier_tasks], results.get("forgetting", {}))
     out += [
         "",
         "## Held-out masked-reconstruction loss (↓) after the last stage",

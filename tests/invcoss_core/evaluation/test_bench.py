@@ -46,6 +46,9 @@ def check_results_schema(results: dict[str, Any], methods: list[str], out: Path)
             assert isinstance(m[key], float), (name, key)
         assert _is_number_or_null(m["bwt"])
         assert m["seed_ids"] == sorted(set(m["seed_ids"])) and len(m["seed_ids"]) == m["seeds"], name
+        if METHODS[name].sequential:
+            earlier = {t for t, s in zip(tasks, results["task_stage"]) if s < len(order) - 1}
+            assert set(m["task_bwt"]) == set(m["task_bwt_knn"]) == earlier, name
         assert (m["bwt"] is None) == (not METHODS[name].sequential)
         assert isinstance(m["handoff_bytes"], int) and m["handoff_bytes"] > 0
         assert isinstance(m["replay_bytes_real"], int) and m["replay_bytes_real"] > 0
@@ -257,3 +260,26 @@ def test_goals_pair_the_methods_by_seed_and_say_when_the_seeds_do_not_resolve_th
     # vs the buffer: differences -6, +4, +4 points: the -1 point goal lies inside the interval
     assert "paired over 3 seeds: +0.7 ± 5.8 points" in linear_buf and "not resolved by these seeds" in linear_buf
     assert "not resolved" in recon_buf
+
+
+def test_per_task_forgetting_is_judged_against_each_tasks_own_spread() -> None:
+    from invcoss_core.evaluation.bench import forgetting_check
+    from invcoss_core.evaluation.report import _task_bwt_lines
+
+    entry = {
+        **_finetune_entry(0.3, 0.05, -0.005, 0.01),
+        # task a loses 3 points with sd 1 (visible); b loses 4 with sd 5 (noise); kNN: a within the spread
+        "task_bwt": {"a": -0.03, "b": -0.04},
+        "task_bwt_sd": {"a": 0.01, "b": 0.05},
+        "task_bwt_knn": {"a": -0.01, "b": 0.02},
+        "task_bwt_knn_sd": {"a": 0.02, "b": 0.01},
+    }
+    check = forgetting_check(entry, ["ct", "mri", "pathology"], ["a", "b", "c"], [0, 1, 2])
+    assert check["tasks"]["a"]["linear"]["visible"] is True
+    assert check["tasks"]["a"]["linear"]["drop"] == pytest.approx(0.03)
+    assert check["tasks"]["b"]["linear"]["visible"] is False and check["tasks"]["a"]["knn"]["visible"] is False
+    assert check["tasks"]["b"]["knn"]["visible"] is False, "a gain is not forgetting"
+    assert check["visible"] is False, "per-task findings do not change the verdict"
+    lines = "\n".join(_task_bwt_lines({"finetune": entry}, ["a", "b"], check))
+    assert "| **finetune** | -3.0 ± 1.0 / -1.0 ± 2.0 | -4.0 ± 5.0 / +2.0 ± 1.0 |" in lines
+    assert "beyond twice its seed spread on: a (linear, -3.0 ± 1.0);" in lines

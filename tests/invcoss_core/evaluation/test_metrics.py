@@ -17,6 +17,7 @@ from invcoss_core.evaluation.metrics import (
     paired_difference,
     recon_increase,
     t975,
+    task_backward_transfer,
 )
 
 NAN = math.nan
@@ -47,6 +48,11 @@ def test_avg_prev_scores_a_single_row_reference_on_the_same_tasks() -> None:
 def test_backward_transfer_hand_computed() -> None:
     # (0.60 - 0.80) + (0.50 - 0.60) + (0.70 - 0.90) = -0.50 over 3 earlier tasks.
     assert backward_transfer(ACC, TASK_STAGE) == pytest.approx(-0.50 / 3)
+
+
+def test_task_backward_transfer_hand_computed() -> None:
+    per_task = task_backward_transfer(ACC, TASK_STAGE)
+    assert per_task[:3] == pytest.approx([0.60 - 0.80, 0.50 - 0.60, 0.70 - 0.90]) and math.isnan(per_task[3])
 
 
 def test_backward_transfer_positive_when_later_stages_help() -> None:
