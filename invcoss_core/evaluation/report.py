@@ -144,8 +144,9 @@ def _goal_lines(methods: Mapping[str, Any]) -> list[str]:
         else:
             met = a >= b + margin
             sign = "+" if margin >= 0 else "−"
-            goal = f"{'met' if met else 'NOT met'} (goal: ≥ {other_name} {sign} {abs(100 * margin):.0f} point"
-            goal += "s)" if abs(margin) != 0.01 else ")"
+            points = round(abs(100 * margin))
+            unit = "point" if points == 1 else "points"
+            goal = f"{'met' if met else 'NOT met'} (goal: ≥ {other_name} {sign} {points} {unit})"
             detail = _paired_text(paired, margin, 100.0, 1, "points")
             lines.append(f"- {what}: invcoss {100 * a:.1f} vs {other_name} {100 * b:.1f} → {goal}; {detail}")
     return lines
@@ -179,12 +180,13 @@ def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: M
             for probe, v in per_task.get(task, {}).items()
             if v.get("visible")
         ]
-        out += [
-            "",
-            "`finetune` loses beyond twice its seed spread on: "
-            + (", ".join(found) if found else "no single task")
-            + "; every other task and probe changes within the noise of these seeds.",
-        ]
+        verdict = (
+            f"`finetune` loses beyond twice its seed spread on: {', '.join(found)}; every other earlier task and probe "
+            "changes within twice the spread of these seeds."
+            if found
+            else "`finetune` loses beyond twice its seed spread on no earlier task and probe."
+        )
+        out += ["", verdict]
     return out
 
 
