@@ -8,8 +8,11 @@ is refused without allocating memory. Malformed files make third-party parsers r
 Axis conventions of ``RawImage.array`` (float32):
 - 2-D grey: (H, W) — rows first, as PNG/TIFF/DICOM store them;
 - 2-D RGB: (H, W, 3);
-- 3-D volume: (X, Y, Z) — NIfTI/NRRD index order; DICOM volumes are transposed to (columns, rows, slices) so
-  that a volume reads the same whether it came as NIfTI or as a DICOM series.
+- 3-D volume: (X, Y, Z) in the closest RAS+ orientation (axis 0 runs from the patient's left to right,
+  axis 1 posterior to anterior, axis 2 inferior to superior), whatever the file stored: NIfTI, NRRD and DICOM-series
+  volumes are permuted and flipped by their voxel-to-patient affine (no resampling), so that the same anatomy reads
+  the same from every site and every format. A volume whose file gives no usable orientation (no affine, an NRRD
+  without a known 'space', a multi-frame DICOM) keeps its stored index order and says so in a note.
 """
 
 from __future__ import annotations
@@ -130,6 +133,49 @@ def _valid_spacing(spacing: Sequence[float] | None) -> tuple[float, ...] | None:
     return values
 
 
+_NO_ORIENTATION = "orientation unknown ({why}): stored voxel order kept"
+
+
+def _to_ras(
+    arr: np.ndarray, spacing: tuple[float, ...] | None, affine: np.ndarray | None, why_unknown: str = "no affine"
+) -> tuple[np.ndarray, tuple[float, ...] | None, str | None]:
+    """Permute and flip the first three axes of a volume into the closest RAS+ orientation.
+
+    Args:
+        arr: (X, Y, Z[, 1...]) values in stored index order.
+        spacing: mm per stored axis (or None).
+        affine: 4x4 voxel-index → RAS (mm) matrix of the stored order, or None when the file gives none.
+    Returns:
+        (array, spacing, note): the reoriented array (a view is copied to contiguous memory) and spacing; the
+        note says what was done ("reoriented LPS → RAS"), that nothing could be done, or is None when the file
+        was already RAS.
+    """
+    from nibabel.orientations import aff2axcodes, apply_orientation, io_orientation
+
+    if arr.ndim < 3 or any(s == 1 for s in arr.shape[:3]):
+        return arr, spacing, None  # a slice or a 2-D image: rows-first convention, nothing to reorient
+    if affine is None:
+        return arr, spacing, _NO_ORIENTATION.format(why=why_unknown)
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    if not np.all(np.isfinite(linear)) or abs(float(np.linalg.det(linear))) < 1e-12:
+        return arr, spacing, _NO_ORIENTATION.format(why="degenerate affine")
+    ornt = io_orientation(np.asarray(affine, dtype=float))
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return arr, spacing, None
+    codes = "".join(str(c) for c in aff2axcodes(np.asarray(affine, dtype=float)))
+    out = np.ascontiguousarray(apply_orientation(arr, ornt))
+    if spacing is not None and len(spacing) >= 3:
+        ras = [0.0, 0.0, 0.0]
+        for axis, (target, _flip) in enumerate(ornt):
+            ras[int(target)] = spacing[axis]
+        spacing = (*ras, *spacing[3:])
+    return out, spacing, f"reoriented {codes} → RAS"
+
+
+def _with_note(raw: RawImage, note: str | None) -> RawImage:
+    return raw.with_note(note) if note else raw
+
+
 # --------------------------------------------------------------------------------------------------- NIfTI
 def read_nifti(path: Path) -> RawImage:
     """Read a .nii / .nii.gz file with nibabel (scale slope/intercept applied).
@@ -146,8 +192,9 @@ def read_nifti(path: Path) -> RawImage:
     if dtype.fields is not None:
         raise ImageReadError(f"NIfTI with structured voxels ({dtype}) such as RGB24 is not supported")
     arr = np.asarray(img.get_fdata(dtype=np.float32))
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
-    return _scalar_image(arr, zooms, FORMAT_NIFTI, str(dtype))
+    zooms: tuple[float, ...] | None = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+    arr, zooms, note = _to_ras(arr, zooms, img.affine)
+    return _with_note(_scalar_image(arr, zooms, FORMAT_NIFTI, str(dtype)), note)
 
 
 # ---------------------------------------------------------------------------------------------------- NRRD
@@ -168,11 +215,44 @@ def read_nrrd(path: Path) -> RawImage:
         raise ImageReadError(f"non-scalar NRRD (axis kinds {kinds}): store grey-level volumes")
     data, header = nrrd.read(str(path), index_order="F")
     spacing = _nrrd_spacing(header, data.ndim)
-    raw = _scalar_image(np.asarray(data), spacing, FORMAT_NRRD, str(data.dtype))
+    affine, why = _nrrd_ras_affine(header, data.ndim)
+    arr, spacing, note = _to_ras(np.asarray(data), spacing, affine, why)
+    raw = _with_note(_scalar_image(arr, spacing, FORMAT_NRRD, str(data.dtype)), note)
     if raw.spatial_dims == 2:  # F order gives (x, y); images are (H, W) = (y, x)
         spacing2 = tuple(reversed(raw.spacing)) if raw.spacing else None
         raw = replace(raw, array=np.ascontiguousarray(raw.array.T), spacing=spacing2)
     return raw
+
+
+# NRRD 'space' → signs that take its axes to RAS (only the orientation matters, not the origin).
+_NRRD_SPACE_TO_RAS = {
+    "right-anterior-superior": (1.0, 1.0, 1.0),
+    "ras": (1.0, 1.0, 1.0),
+    "left-anterior-superior": (-1.0, 1.0, 1.0),
+    "las": (-1.0, 1.0, 1.0),
+    "left-posterior-superior": (-1.0, -1.0, 1.0),
+    "lps": (-1.0, -1.0, 1.0),
+}
+
+
+def _nrrd_ras_affine(header: dict[str, Any], ndim: int) -> tuple[np.ndarray | None, str]:
+    """The voxel → RAS affine of a 3-D NRRD from 'space' and 'space directions', or (None, why not)."""
+    if ndim != 3:
+        return None, "not a volume"
+    space = str(header.get("space", "")).lower()
+    signs = _NRRD_SPACE_TO_RAS.get(space)
+    if signs is None:
+        return None, f"NRRD space {space or 'not given'!r}"
+    directions = header.get("space directions")
+    try:
+        linear = np.asarray(directions, dtype=float)
+    except (TypeError, ValueError):
+        return None, "NRRD space directions unreadable"
+    if linear.shape != (3, 3):
+        return None, "NRRD space directions not 3 x 3"
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(signs) @ linear.T  # columns: the RAS direction of each index axis
+    return affine, ""
 
 
 def _nrrd_spacing(header: dict[str, Any], ndim: int) -> tuple[float, ...] | None:
@@ -297,6 +377,8 @@ def read_dicom_file(path: Path) -> RawImage:
         volume = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # (frames, rows, cols) -> (cols, rows, frames)
         spacing = (pixel[1], pixel[0], slice_mm) if pixel is not None and slice_mm is not None else None
         raw = _scalar_image(volume, spacing, FORMAT_DICOM, _dicom_dtype(ds))
+        if raw.spatial_dims == 3:
+            notes.append(_NO_ORIENTATION.format(why="multi-frame DICOM orientation is not read"))
     else:
         raw = _scalar_image(arr, pixel, FORMAT_DICOM, _dicom_dtype(ds))
     return replace(raw, notes=tuple(notes))
@@ -345,8 +427,24 @@ def read_dicom_series(paths: Sequence[Path]) -> RawImage:
     pixel, slice_mm = _dicom_spacing(first)
     has_positions = "ImagePositionPatient" in first
     step = float(np.median(np.abs(steps))) if has_positions else slice_mm
-    spacing = (pixel[1], pixel[0], step) if pixel is not None and step else None
-    return _scalar_image(volume, spacing, FORMAT_DICOM_SERIES, _dicom_dtype(first))
+    spacing: tuple[float, ...] | None = (pixel[1], pixel[0], step) if pixel is not None and step else None
+    volume, spacing, note = _to_ras(volume, spacing, *_dicom_series_affine(first, has_positions))
+    return _with_note(_scalar_image(volume, spacing, FORMAT_DICOM_SERIES, _dicom_dtype(first)), note)
+
+
+def _dicom_series_affine(first: Any, has_positions: bool) -> tuple[np.ndarray | None, str]:
+    """Voxel → RAS direction matrix of a (columns, rows, slices) volume sorted along the slice normal.
+
+    Only directions matter for the reorientation, so unit steps stand in for the spacing.
+    """
+    orientation = first.get("ImageOrientationPatient")
+    if not has_positions or orientation is None or len(orientation) != 6:
+        return None, "no ImagePositionPatient / ImageOrientationPatient"
+    row = np.array([float(v) for v in orientation[:3]])  # direction of increasing column index (LPS)
+    col = np.array([float(v) for v in orientation[3:]])  # direction of increasing row index
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.stack([row, col, np.cross(row, col)], axis=1)  # LPS → RAS
+    return affine, ""
 
 
 def _slice_position(ds: Any, fallback: int) -> float:

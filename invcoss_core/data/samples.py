@@ -13,7 +13,9 @@ image files are taken out of the archive and written as::
 Volumes become NIfTI (.nii.gz), DICOM stays DICOM, 2-D images stay PNG / SVS. One pyradiomics MRI volume is
 written as a DICOM series so that the series reader runs on real data. The folder is built next to DEST and
 renamed into place, so an interrupted fetch never leaves a half-written DEST; a second run finds DEST complete and
-returns at once, and a rebuild reuses the cached packages.
+returns at once, and a rebuild reuses the cached packages. Fetches into one DEST started at the same time (`make demo`
+next to `make test`, several sites on one host sharing the default folder) take turns on a lock file: the later ones
+wait and then find DEST complete.
 """
 
 from __future__ import annotations
@@ -685,11 +687,47 @@ def fetch_samples(
     if not force and read_manifest(dest) is not None:
         logger.info("sample data already complete in %s", dest)
         return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(dest):
+        # A fetch that held the lock before us may have just finished DEST.
+        if not force and read_manifest(dest) is not None:
+            logger.info("sample data completed in %s by another fetch", dest)
+            return dest
+        _build(dest, cache_dir, progress)
+    return dest
+
+
+@contextmanager
+def _build_lock(dest: Path) -> Iterator[None]:
+    """One build of DEST at a time (two commands started together fetch into the same default folder).
+
+    An advisory lock on ``.DEST.lock`` next to DEST; the kernel drops it when the holder dies, so a killed fetch
+    never blocks the next one. Without POSIX locks (Windows) builds are not serialised, but the atomic rename still
+    keeps DEST whole.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(dest.parent / f".{dest.name}.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another `invcoss samples fetch` is building %s; waiting for it to finish", dest)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(dest: Path, cache_dir: Path, progress: bool) -> None:
+    """Build the sample folder next to DEST and rename it into place (caller holds the build lock)."""
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not _is_ours(dest))):
         raise SampleFetchError(
             f"{dest} exists and is not an invcoss sample folder; choose another --dest or remove it first"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_partials(dest)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
@@ -726,7 +764,6 @@ def fetch_samples(
     logger.info(
         "sample data written to %s: %.1f MB in %.1f s", dest, manifest["total_bytes"] / 1e6, time.monotonic() - started
     )
-    return dest
 
 
 def _swap_into_place(work: Path, dest: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -54,8 +55,10 @@ def test_read_nifti_refuses_time_series(tmp_path: Path) -> None:
 def test_read_nrrd_volume_spacing_from_space_directions(tmp_path: Path) -> None:
     volume = ct_phantom()
     raw = read_nrrd(write_nrrd(tmp_path / "v.nrrd", volume, (0.7, 0.7, 3.0)))
-    np.testing.assert_array_equal(raw.array, volume.astype(np.float32))
+    # stored in LPS: x and y run the other way in RAS
+    np.testing.assert_array_equal(raw.array, volume[::-1, ::-1, :].astype(np.float32))
     assert raw.spacing == pytest.approx((0.7, 0.7, 3.0))
+    assert "reoriented LPS → RAS" in raw.notes
 
 
 def test_read_nrrd_image_comes_back_rows_first(tmp_path: Path) -> None:
@@ -98,7 +101,8 @@ def test_read_dicom_series_orders_slices_by_position_not_name(tmp_path: Path) ->
     volume = ct_phantom((24, 20, 7))
     paths = write_dicom_series(tmp_path / "series", volume, spacing=(0.6, 0.7, 2.5))
     raw = read_dicom_series(sorted(paths))  # names are in reverse slice order
-    np.testing.assert_array_equal(raw.array, volume.astype(np.float32))
+    # DICOM patient axes are LPS: columns and rows run the other way in RAS, slices go inferior → superior
+    np.testing.assert_array_equal(raw.array, volume[::-1, ::-1, :].astype(np.float32))
     assert raw.spacing == pytest.approx((0.6, 0.7, 2.5))
     assert raw.source_format == FORMAT_DICOM_SERIES
 
@@ -175,3 +179,35 @@ def test_read_image_turns_parser_errors_into_rejects(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError) as info:
         read_image((path,), "nifti")
     assert info.value.reason
+
+
+def test_volumes_read_in_ras_whatever_orientation_and_format_stored_them(tmp_path: Path) -> None:
+    """One RAS volume stored four ways (RAS NIfTI, permuted and flipped NIfTI, LPS NRRD, DICOM series) reads back
+    the same array, with the spacing following its axes."""
+    ras = ct_phantom((24, 20, 7))  # axis 0 → right, 1 → anterior, 2 → superior
+    sx, sy, sz = 0.6, 0.7, 2.5
+    plain = read_nifti(write_nifti(tmp_path / "ras.nii.gz", ras, (sx, sy, sz)))
+    # stored axes: 0 runs superior → inferior, 1 left → right, 2 posterior → anterior
+    stored = np.ascontiguousarray(np.transpose(ras, (2, 0, 1))[::-1])
+    affine = np.zeros((4, 4))
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[3, 3] = (0, 0, -sz), (sx, 0, 0), (0, sy, 0), 1.0
+    image = nib.Nifti1Image(stored, affine)
+    image.header.set_zooms((sz, sx, sy))
+    nib.save(image, str(tmp_path / "sra.nii.gz"))
+    permuted = read_nifti(tmp_path / "sra.nii.gz")
+    lps = read_nrrd(write_nrrd(tmp_path / "lps.nrrd", np.ascontiguousarray(ras[::-1, ::-1, :]), (sx, sy, sz)))
+    series = read_dicom_series(
+        write_dicom_series(tmp_path / "series", np.ascontiguousarray(ras[::-1, ::-1, :]), spacing=(sx, sy, sz))
+    )
+    for raw in (plain, permuted, lps, series):
+        np.testing.assert_array_equal(raw.array, ras.astype(np.float32))
+        assert raw.spacing == pytest.approx((sx, sy, sz))
+    assert plain.notes == ()
+    assert permuted.notes == ("reoriented IRA → RAS",)
+
+
+def test_volume_without_orientation_keeps_stored_order_and_says_so(tmp_path: Path) -> None:
+    volume = ct_phantom((16, 12, 5))
+    raw = read_nrrd(write_nrrd(tmp_path / "v.nrrd", volume))  # no 'space', no directions
+    np.testing.assert_array_equal(raw.array, volume.astype(np.float32))
+    assert any("orientation unknown" in note and "stored voxel order kept" in note for note in raw.notes)

@@ -88,7 +88,9 @@ def test_failed_download_leaves_no_folder_and_says_how_to_retry(
     message = str(info.value)
     assert "no sample data for ct" in message and "pkgct==1.0" in message
     assert "retry `invcoss samples fetch`" in message and str(fake_recipe["cache"]) in message
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert not (tmp_path / "out").exists()
+    # only the (empty) lock file stays: removing it could let two later fetches lock different files
+    assert [p.name for p in tmp_path.glob(".out.*")] == [".out.lock"] and (tmp_path / ".out.lock").stat().st_size == 0
 
 
 def test_optional_package_failure_is_skipped_when_the_modality_has_other_data(
@@ -168,3 +170,39 @@ def test_pins_are_complete() -> None:
         assert len(pin.sha256) == 64 and pin.version and pin.licence and pin.name in samples._EXTRACTORS
     covered = {m for pin in samples.PINS for m in pin.modalities}
     assert set(samples.REQUIRED_MODALITIES) <= covered
+
+
+def test_concurrent_fetches_take_turns_and_both_get_the_folder(tmp_path: Path, fake_recipe: dict[str, Any]) -> None:
+    """Two fetches into one DEST at once (compose sites on a shared volume): one builds, the other waits for the
+    lock and then finds DEST complete; nothing is built twice and neither fails."""
+    import threading
+    import time
+
+    slow = samples._EXTRACTORS[fake_recipe["pins"][0].name]
+    first_started = threading.Event()
+
+    def slow_extract(archive: Any, layout: Any, pin: PackagePin) -> None:
+        first_started.set()
+        time.sleep(0.5)  # the second fetch starts while the first is still building
+        slow(archive, layout, pin)
+
+    samples._EXTRACTORS[fake_recipe["pins"][0].name] = slow_extract
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            results.append(fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"]))
+        except BaseException as err:  # reported by the assertion below
+            errors.append(err)
+
+    first = threading.Thread(target=fetch)
+    first.start()
+    assert first_started.wait(10)
+    second = threading.Thread(target=fetch)
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert errors == [] and results == [tmp_path / "out", tmp_path / "out"]
+    assert sorted(fake_recipe["calls"]) == sorted(p.name for p in fake_recipe["pins"])  # each extracted once
+    assert samples.read_manifest(tmp_path / "out") is not None
