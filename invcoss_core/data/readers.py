@@ -156,13 +156,13 @@ def _to_ras(
         return arr, spacing, None  # a slice or a 2-D image: rows-first convention, nothing to reorient
     if affine is None:
         return arr, spacing, _NO_ORIENTATION.format(why=why_unknown)
-    linear = np.asarray(affine, dtype=float)[:3, :3]
-    if not np.all(np.isfinite(linear)) or abs(float(np.linalg.det(linear))) < 1e-12:
+    affine = np.asarray(affine, dtype=float)
+    if not np.all(np.isfinite(affine[:3, :3])) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
         return arr, spacing, _NO_ORIENTATION.format(why="degenerate affine")
-    ornt = io_orientation(np.asarray(affine, dtype=float))
+    ornt = io_orientation(affine)
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return arr, spacing, None
-    codes = "".join(str(c) for c in aff2axcodes(np.asarray(affine, dtype=float)))
+    codes = "".join(str(c) for c in aff2axcodes(affine))
     out = np.ascontiguousarray(apply_orientation(arr, ornt))
     if spacing is not None and len(spacing) >= 3:
         ras = [0.0, 0.0, 0.0]

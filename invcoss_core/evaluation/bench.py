@@ -998,11 +998,12 @@ def aggregate(
         if spec.sequential:
             per_seed["bwt"] = [backward_transfer(m, task_stage) for m in lin]
             per_seed["bwt_knn"] = [backward_transfer(m, task_stage) for m in knn]
+            earlier_tasks = [j for j in range(len(tasks)) if task_stage[j] < num_stages - 1]
             for key, mats in (("task_bwt", lin), ("task_bwt_knn", knn)):
                 per_task = [task_backward_transfer(m, task_stage) for m in mats]
-                stats = [_ms([row[j] for row in per_task]) for j in range(len(tasks))]
-                entry[key] = {t: stats[j][0] for j, t in enumerate(tasks) if task_stage[j] < num_stages - 1}
-                entry[f"{key}_sd"] = {t: stats[j][1] for j, t in enumerate(tasks) if task_stage[j] < num_stages - 1}
+                stats = {tasks[j]: _ms([row[j] for row in per_task]) for j in earlier_tasks}
+                entry[key] = {t: mean for t, (mean, _sd) in stats.items()}
+                entry[f"{key}_sd"] = {t: sd for t, (_mean, sd) in stats.items()}
             increases = [recon_increase(r, list(range(num_stages))) for r in rec]
             entry["recon_increase"] = {order[m]: _ms([inc[m] for inc in increases])[0] for m in earlier}
             entry["recon_increase_sd"] = {order[m]: _ms([inc[m] for inc in increases])[1] for m in earlier}

@@ -134,12 +134,11 @@ def _goal_lines(methods: Mapping[str, Any]) -> list[str]:
     for what, key, other_name, margin, lower in goals:
         other = methods[other_name]
         a, b = _num(inv.get(key)), _num(other.get(key))
-        paired = paired_difference(_per_seed(inv, key), _per_seed(other, key))
+        ours, theirs = _per_seed(inv, key), _per_seed(other, key)
         if lower:  # a loss: the goal is invcoss − other ≤ 0, judged as other − invcoss ≥ 0
             met = a <= b
             goal = f"invcoss as low or lower ({'met' if met else 'NOT met'})"
-            flipped = PairedDifference(-paired.mean, paired.sd, paired.se, paired.n)
-            detail = _paired_text(flipped, margin, 1.0, 3, "lower for invcoss")
+            detail = _paired_text(paired_difference(theirs, ours), margin, 1.0, 3, "lower for invcoss")
             lines.append(f"- {what}: invcoss {a:.3f} vs {other_name} {b:.3f} → {goal}; {detail}")
         else:
             met = a >= b + margin
@@ -147,7 +146,7 @@ def _goal_lines(methods: Mapping[str, Any]) -> list[str]:
             points = round(abs(100 * margin))
             unit = "point" if points == 1 else "points"
             goal = f"{'met' if met else 'NOT met'} (goal: ≥ {other_name} {sign} {points} {unit})"
-            detail = _paired_text(paired, margin, 100.0, 1, "points")
+            detail = _paired_text(paired_difference(ours, theirs), margin, 100.0, 1, "points")
             lines.append(f"- {what}: invcoss {100 * a:.1f} vs {other_name} {100 * b:.1f} → {goal}; {detail}")
     return lines
 
