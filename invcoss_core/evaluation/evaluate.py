@@ -77,7 +77,7 @@ def probe_model(
     """Frozen-encoder kNN and linear balanced accuracy of `model` on every task."""
     out: dict[str, dict[str, float]] = {}
     for task in tasks:
-        feats = encoder_features(model, task.x, task.modality, settings.batch_size, device)
+        feats = encoder_features(model, task.x, task.modality, settings.batch_size, device, settings.features)
         scores = task_scores(feats, task, settings)
         out[task.name] = {"knn": scores.knn, "linear": scores.linear}
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,11 @@ class ProbeSettings(BaseModel):
     # Cross-validation folds averaged per task (other held-out subjects, or the mirrored region cut), capped by
     # what the task offers; 1 scores the primary split only.
     folds: int = Field(1, gt=0)
+    # Encoder feature per sample (`MultiModalMAE.embed`): "mean_centre" adds the tokens at the input's centre to
+    # the mean of all tokens. Every CT and MRI task is labelled by the centre voxel (tissue class, inside a
+    # tumour), which a mean over the whole input dilutes; the pathology tasks are whole-patch properties, which the
+    # mean half still carries.
+    features: Literal["mean", "mean_centre"] = "mean_centre"
     batch_size: int = Field(256, gt=0)  # feature extraction batch
 
 
@@ -165,20 +171,27 @@ def stride_indices(n: int, cap: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def encoder_features(
-    model: MultiModalMAE, images: torch.Tensor, modality: str, batch_size: int, device: torch.device | str = "cpu"
+    model: MultiModalMAE,
+    images: torch.Tensor,
+    modality: str,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    pooling: str = "mean",
 ) -> torch.Tensor:
-    """Frozen-encoder features of `images` (mean of the unmasked patch tokens, see `MultiModalMAE.embed`).
+    """Frozen-encoder features of `images` (unmasked patch tokens pooled by `pooling`, see `MultiModalMAE.embed`).
 
     Args:
         images: (N, C, *img_size) in [0, 1].
     Returns:
-        (N, D) float32 on the CPU.
+        (N, D), or (N, 2·D) for "mean_centre", float32 on the CPU.
     """
     model.eval()
     out = [
-        model.embed(images[i : i + batch_size].to(device), modality).cpu() for i in range(0, len(images), batch_size)
+        model.embed(images[i : i + batch_size].to(device), modality, pooling).cpu()
+        for i in range(0, len(images), batch_size)
     ]
-    return torch.cat(out) if out else torch.zeros(0, model.cfg.hidden_size)
+    width = model.cfg.hidden_size * (2 if pooling == "mean_centre" else 1)
+    return torch.cat(out) if out else torch.zeros(0, width)
 
 
 def pixel_features(images: torch.Tensor, max_dim: int = 4096) -> torch.Tensor:

@@ -418,6 +418,17 @@ def render_report(results: Mapping[str, Any]) -> str:
         "- Probe accuracies are balanced accuracies (mean per-class recall); the probe splits and held-out "
         "subjects are fixed across seeds, so the sd reflects training only."
     )
+    pooling = results.get("settings", {}).get("probes", {}).get("features", "mean")
+    out.append(
+        "- Encoder features for the probes: the mean of all patch tokens"
+        + (
+            ", followed by the mean of the tokens of the patches at the input's centre (the CT and MRI tasks are "
+            "labelled by the centre voxel)."
+            if pooling == "mean_centre"
+            else "."
+        )
+        + " Raw pixels: the input, average-pooled to at most 4096 values."
+    )
     figures = results.get("figures", [])
     if figures:
         out += ["", "## Figures", ""]

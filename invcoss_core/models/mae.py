@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,25 @@ from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
 
 from invcoss_core.config import ModalitySpec, ModelConfig
+
+POOLINGS = ("mean", "mean_centre")  # see `MultiModalMAE.embed`
+
+
+def centre_patch_indices(spec: ModalitySpec) -> list[int]:
+    """Row-major token indices of the patches that touch the centre of the input.
+
+    Per axis the middle patch of an odd grid, the two middle patches of an even one (the centre lies on their
+    border): 1, 2, 4 or 8 patches in all.
+    """
+    grid = [s // p for s, p in zip(spec.img_size, spec.patch_size)]
+    per_axis = [[g // 2] if g % 2 else [g // 2 - 1, g // 2] for g in grid]
+    indices = []
+    for position in itertools.product(*per_axis):
+        flat = 0
+        for axis, value in enumerate(position):
+            flat = flat * grid[axis] + value
+        indices.append(flat)
+    return indices
 
 
 class ModelInputError(ValueError):
@@ -318,16 +338,25 @@ class MultiModalMAE(nn.Module):
         return MAEOutput(loss=loss, pred=pred, mask=enc.mask, latent=enc.latent)
 
     @torch.no_grad()
-    def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """Frozen-encoder features: mean of the patch tokens with nothing masked.
+    def embed(self, x: torch.Tensor, modality: str, pooling: str = "mean") -> torch.Tensor:
+        """Frozen-encoder features with nothing masked.
 
         Args:
             x: (B, C, *img_size).
+            pooling: "mean" — the mean of the patch tokens, (B, D); "mean_centre" — that mean followed by the mean
+                of the tokens of the patches that touch the image centre (`centre_patch_indices`), (B, 2·D), for
+                tasks labelled by the centre voxel, whose class a mean over the whole input dilutes.
         Returns:
-            (B, D) float32 features.
+            (B, D) or (B, 2·D) float32 features.
         """
-        latent = self.forward_encoder(x, modality, mask_ratio=0.0).latent
-        return latent[:, 1:].mean(dim=1).float()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        tokens = self.forward_encoder(x, modality, mask_ratio=0.0).latent[:, 1:]
+        mean = tokens.mean(dim=1)
+        if pooling == "mean":
+            return mean.float()
+        centre = tokens[:, centre_patch_indices(self.spec(modality))].mean(dim=1)
+        return torch.cat([mean, centre], dim=1).float()
 
     def masking_noise(
         self, batch: int, modality: str, generator: torch.Generator | None, device: torch.device

@@ -6,8 +6,8 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from invcoss_core.config import build_config
-from invcoss_core.models import ModelInputError, build_model, export_monai_vit_state_dict
+from invcoss_core.config import ModalitySpec, build_config
+from invcoss_core.models import ModelInputError, build_model, centre_patch_indices, export_monai_vit_state_dict
 from tests.helpers import structured_images
 
 
@@ -101,6 +101,47 @@ def test_embed_is_deterministic_mean_feature(model_cfg) -> None:  # type: ignore
     x = torch.rand(3, 3, 16, 16)
     a, b = model.embed(x, "pathology"), model.embed(x, "pathology")
     assert a.shape == (3, model_cfg.hidden_size) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("img_size", "patch_size", "expected"),
+    [
+        ((16, 16, 16), (4, 4, 4), [21, 22, 25, 26, 37, 38, 41, 42]),  # 4x4x4 grid: the inner 2x2x2 cube
+        ((12, 16), (4, 4), [5, 6]),  # 3x4 grid: middle row, two middle columns
+        ((20, 20), (4, 4), [12]),  # 5x5 grid: the one middle patch
+        ((4, 4), (4, 4), [0]),
+    ],
+)
+def test_centre_patch_indices_hand_computed(img_size, patch_size, expected) -> None:  # type: ignore[no-untyped-def]
+    spec = ModalitySpec(spatial_dims=len(img_size), in_channels=1, img_size=img_size, patch_size=patch_size)
+    assert centre_patch_indices(spec) == expected
+
+
+@pytest.mark.parametrize("modality", ["ct", "pathology"])
+def test_centre_patches_are_those_holding_the_centre_pixels(model_cfg, modality: str) -> None:  # type: ignore[no-untyped-def]
+    model = build_model(model_cfg)
+    spec = model_cfg.spec(modality)
+    x = torch.zeros(1, *spec.input_shape)
+    # The pixels on either side of the centre along every axis (the centre of an even size lies between two).
+    middle = [[s // 2 - 1, s // 2] if s % 2 == 0 else [s // 2] for s in spec.img_size]
+    index = torch.cartesian_prod(*[torch.tensor(m) for m in middle]).reshape(-1, spec.spatial_dims)
+    x[(0, slice(None), *index.T)] = 1.0
+    touched = torch.nonzero(model.patchify(x, modality)[0].abs().sum(1))[:, 0].tolist()
+    assert touched == centre_patch_indices(spec)
+
+
+def test_embed_mean_centre_is_the_mean_then_the_centre_tokens(model_cfg) -> None:  # type: ignore[no-untyped-def]
+    model = build_model(model_cfg).eval()
+    x = torch.rand(3, *model_cfg.spec("ct").input_shape)
+    with torch.no_grad():
+        tokens = model.forward_encoder(x, "ct", mask_ratio=0.0).latent[:, 1:]
+        both = model.embed(x, "ct", "mean_centre")
+    d = model_cfg.hidden_size
+    assert both.shape == (3, 2 * d)
+    torch.testing.assert_close(both[:, :d], model.embed(x, "ct"))
+    torch.testing.assert_close(both[:, d:], tokens[:, [21, 22, 25, 26, 37, 38, 41, 42]].mean(1))
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        model.embed(x, "ct", "max")
 
 
 @pytest.mark.parametrize("modality", ["ct", "pathology"])

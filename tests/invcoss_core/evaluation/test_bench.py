@@ -66,6 +66,7 @@ def _check_outputs(out: Path, methods: list[str]) -> dict[str, Any]:
     check_results_schema(results, methods, out)
     report = (out / "report.md").read_text()
     assert "| method |" in report and "Forgetting" in report
+    assert "tokens of the patches at the input's centre" in report, "the report says which features were probed"
     for name in methods:
         assert f"**{name}**" in report
     for figure in FIGURES:

@@ -96,3 +96,36 @@ def test_task_scores_average_the_folds() -> None:
     assert scores(1).linear == 0.0 and scores(1).n_test == 10 and scores(1).n_train == 30
     assert scores(2).linear == 0.5 and scores(2).n_test == 20 and scores(2).n_train == 60
     assert scores(9).n_test == 20, "folds beyond what the task offers are not invented"
+
+
+def test_encoder_features_pooling_widths_and_the_probe_setting_reaches_the_model() -> None:
+    from invcoss_core.config import build_config
+    from invcoss_core.evaluation.data import ProbeTask
+    from invcoss_core.evaluation.evaluate import probe_model
+    from invcoss_core.evaluation.probes import encoder_features
+    from invcoss_core.models import build_model
+
+    cfg = build_config("tiny").model
+    model = build_model(cfg)
+    x = torch.rand(5, *cfg.spec("ct").input_shape)
+    d = cfg.hidden_size
+    assert encoder_features(model, x, "ct", 2).shape == (5, d)
+    assert encoder_features(model, x, "ct", 2, pooling="mean_centre").shape == (5, 2 * d)
+    assert encoder_features(model, x[:0], "ct", 2, pooling="mean_centre").shape == (0, 2 * d)
+    assert ProbeSettings().features == "mean_centre", "CT/MRI tasks are labelled by the centre voxel"
+
+    seen: list[str] = []
+    embed = model.embed
+
+    def recording(images: torch.Tensor, modality: str, pooling: str = "mean") -> torch.Tensor:
+        seen.append(pooling)
+        return embed(images, modality, pooling)
+
+    model.embed = recording  # type: ignore[method-assign]
+    task = ProbeTask(
+        "t", "ct", torch.rand(8, *cfg.spec("ct").input_shape), torch.arange(8) % 2, torch.arange(8) < 6, ("a", "b")
+    )
+    for features in ("mean", "mean_centre"):
+        probe_model(model, [task], ProbeSettings(knn_k=2, linear_steps=5, features=features))
+        assert seen and set(seen) == {features}
+        seen.clear()
