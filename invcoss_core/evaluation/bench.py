@@ -42,6 +42,7 @@ from invcoss_core.evaluation.metrics import (
     elementwise_mean_sd,
     mean_sd,
     recon_increase,
+    sign_test_p,
     task_backward_transfer,
 )
 from invcoss_core.evaluation.recon import decoder_probe_loss, decoder_state, own_decoder_loss
@@ -956,10 +957,11 @@ def aggregate(
     "recon_refit", "recon_refit_sd" (decoder probe; null when disabled), "avg_prev", "avg_prev_sd", "avg_prev_knn",
     "avg_prev_knn_sd", "avg_final", "bwt", "bwt_sd", "bwt_knn", "bwt_knn_sd", "recon_prev", "recon_prev_sd",
     "recon_increase", "recon_increase_sd", "handoff_bytes", "replay_bytes_real", "seconds", "seconds_sd",
-    "inversion_seconds", "replay_seconds", "task_bwt", "task_bwt_sd", "task_bwt_knn", "task_bwt_knn_sd" (per earlier
-    task; sequential methods only), "final_model" (relative to `root`), "seeds", "seed_ids" (the seed of each
-    `per_seed` entry; `seed_ids[name]`, else 0, 1, ...), "stages", "per_seed"}}, "baselines", "forgetting",
-    "compute_seconds"}. Joint has one row; its BWT is null.
+    "inversion_seconds", "replay_seconds", "task_bwt", "task_bwt_sd", "task_bwt_knn", "task_bwt_knn_sd",
+    "task_bwt_losses", "task_bwt_knn_losses" (per earlier task: mean, sd, seeds that lose; sequential methods
+    only), "final_model" (relative to `root`), "seeds", "seed_ids" (the seed of each `per_seed` entry;
+    `seed_ids[name]`, else 0, 1, ...), "stages", "per_seed"}}, "baselines", "forgetting", "compute_seconds"}.
+    Joint has one row; its BWT is null.
     """
     order = settings.order
     tasks = [t.name for t in data.tasks]
@@ -1004,6 +1006,8 @@ def aggregate(
                 stats = {tasks[j]: _ms([row[j] for row in per_task]) for j in earlier_tasks}
                 entry[key] = {t: mean for t, (mean, _sd) in stats.items()}
                 entry[f"{key}_sd"] = {t: sd for t, (_mean, sd) in stats.items()}
+                # How many seeds lose on each task: a consistency the mean ± sd does not show.
+                entry[f"{key}_losses"] = {tasks[j]: sum(1 for row in per_task if row[j] < 0) for j in earlier_tasks}
             increases = [recon_increase(r, list(range(num_stages))) for r in rec]
             entry["recon_increase"] = {order[m]: _ms([inc[m] for inc in increases])[0] for m in earlier}
             entry["recon_increase_sd"] = {order[m]: _ms([inc[m] for inc in increases])[1] for m in earlier}
@@ -1133,11 +1137,15 @@ def forgetting_check(
     for probe, key in (("linear", "task_bwt"), ("knn", "task_bwt_knn")):
         for task, bwt in (finetune.get(key) or {}).items():
             task_drop, task_spread = -_num(bwt), _finite_max([_num(finetune[f"{key}_sd"][task])])
-            per_task.setdefault(task, {})[probe] = {
+            found: dict[str, Any] = {
                 "drop": task_drop,
                 "spread": task_spread,
                 "visible": _beyond_twice(task_drop, task_spread),
             }
+            losses = (finetune.get(f"{key}_losses") or {}).get(task)
+            if losses is not None and seeds > 0:
+                found.update(losses=int(losses), of=seeds, sign_p=sign_test_p(int(losses), seeds))
+            per_task.setdefault(task, {})[probe] = found
     return {
         "tasks": per_task,
         "seeds": seeds,

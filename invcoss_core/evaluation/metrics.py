@@ -255,3 +255,15 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> PairedD
     ms = mean_sd(diffs)
     se = ms.sd / math.sqrt(ms.n) if ms.n > 1 else math.nan
     return PairedDifference(ms.mean, ms.sd, se, ms.n)
+
+
+def sign_test_p(losses: int, n: int) -> float:
+    """One-sided sign test: the chance that at least `losses` of `n` seeds lose if losing and not losing were
+    equally likely (no forgetting). All 5 of 5 seeds losing gives 1/32 ≈ 0.031; 3 of 3 only 1/8.
+
+    Raises:
+        MetricError: unless 0 <= losses <= n and n >= 1.
+    """
+    if n < 1 or not 0 <= losses <= n:
+        raise MetricError(f"sign test needs 0 <= losses <= n and n >= 1, got {losses} of {n}")
+    return sum(math.comb(n, i) for i in range(losses, n + 1)) / 2**n

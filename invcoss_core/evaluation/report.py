@@ -186,7 +186,21 @@ def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: M
             else "`finetune` loses beyond twice its seed spread on no earlier task and probe."
         )
         out += ["", verdict]
+        every = [
+            f"{task} ({probe})" for task in earlier for probe, v in per_task.get(task, {}).items() if _loses_always(v)
+        ]
+        if every:
+            n = int(next(v["of"] for t in earlier for v in per_task.get(t, {}).values() if _loses_always(v)))
+            out.append(
+                f"`finetune` loses in every one of its {n} seeds on: {', '.join(every)} (one-sided sign test "
+                f"p = {0.5**n:.3f} each)."
+            )
     return out
+
+
+def _loses_always(found: Mapping[str, Any]) -> bool:
+    """Every seed (two or more) lost on this task and probe; results written before the loss count say nothing."""
+    return found.get("of", 0) > 1 and found.get("losses") == found.get("of")
 
 
 def _diagnostics_lines(diagnostics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:

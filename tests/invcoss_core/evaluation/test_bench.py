@@ -49,6 +49,11 @@ def check_results_schema(results: dict[str, Any], methods: list[str], out: Path)
         if METHODS[name].sequential:
             earlier = {t for t, s in zip(tasks, results["task_stage"]) if s < len(order) - 1}
             assert set(m["task_bwt"]) == set(m["task_bwt_knn"]) == earlier, name
+            for key in ("task_bwt", "task_bwt_knn"):
+                losses = m[f"{key}_losses"]
+                assert set(losses) == earlier and all(0 <= v <= m["seeds"] for v in losses.values()), name
+                if m["seeds"] == 1:
+                    assert losses == {t: int(m[key][t] < 0) for t in earlier}, name
         assert (m["bwt"] is None) == (not METHODS[name].sequential)
         assert isinstance(m["handoff_bytes"], int) and m["handoff_bytes"] > 0
         assert isinstance(m["replay_bytes_real"], int) and m["replay_bytes_real"] > 0
@@ -274,8 +279,14 @@ def test_per_task_forgetting_is_judged_against_each_tasks_own_spread() -> None:
         "task_bwt_sd": {"a": 0.01, "b": 0.05},
         "task_bwt_knn": {"a": -0.01, "b": 0.02},
         "task_bwt_knn_sd": {"a": 0.02, "b": 0.01},
+        # seeds that lose (of the entry's 3): a in all three on the linear probe, nowhere else in all
+        "task_bwt_losses": {"a": 3, "b": 2},
+        "task_bwt_knn_losses": {"a": 2, "b": 0},
     }
     check = forgetting_check(entry, ["ct", "mri", "pathology"], ["a", "b", "c"], [0, 1, 2])
+    assert check["tasks"]["a"]["linear"]["losses"] == 3 and check["tasks"]["a"]["linear"]["of"] == 3
+    assert check["tasks"]["a"]["linear"]["sign_p"] == pytest.approx(1 / 8)
+    assert check["tasks"]["b"]["linear"]["sign_p"] == pytest.approx(4 / 8)
     assert check["tasks"]["a"]["linear"]["visible"] is True
     assert check["tasks"]["a"]["linear"]["drop"] == pytest.approx(0.03)
     assert check["tasks"]["b"]["linear"]["visible"] is False and check["tasks"]["a"]["knn"]["visible"] is False
@@ -284,3 +295,11 @@ def test_per_task_forgetting_is_judged_against_each_tasks_own_spread() -> None:
     lines = "\n".join(_task_bwt_lines({"finetune": entry}, ["a", "b"], check))
     assert "| **finetune** | -3.0 ± 1.0 / -1.0 ± 2.0 | -4.0 ± 5.0 / +2.0 ± 1.0 |" in lines
     assert "beyond twice its seed spread on: a (linear, -3.0 ± 1.0);" in lines
+    assert "loses in every one of its 3 seeds on: a (linear) (one-sided sign test p = 0.125 each)." in lines
+    older = {
+        t: {p: {k: v for k, v in f.items() if k in ("drop", "spread", "visible")} for p, f in per.items()}
+        for t, per in check["tasks"].items()
+    }
+    assert "every one of" not in "\n".join(_task_bwt_lines({"finetune": entry}, ["a", "b"], {"tasks": older})), (
+        "results without the loss counts claim nothing"
+    )

@@ -16,6 +16,7 @@ from invcoss_core.evaluation.metrics import (
     mean_sd,
     paired_difference,
     recon_increase,
+    sign_test_p,
     t975,
     task_backward_transfer,
 )
@@ -134,3 +135,12 @@ def test_t975_table() -> None:
     assert t975(1) == pytest.approx(12.706) and t975(4) == pytest.approx(2.776) and t975(100) == pytest.approx(2.042)
     with pytest.raises(MetricError):
         t975(0)
+
+
+def test_sign_test_hand_computed() -> None:
+    assert sign_test_p(5, 5) == pytest.approx(1 / 32)
+    assert sign_test_p(4, 5) == pytest.approx((5 + 1) / 32)
+    assert sign_test_p(3, 3) == pytest.approx(1 / 8)
+    assert sign_test_p(0, 4) == 1.0
+    with pytest.raises(MetricError):
+        sign_test_p(6, 5)
