@@ -191,10 +191,11 @@ def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: M
         ]
         if every:
             n = int(next(v["of"] for t in earlier for v in per_task.get(t, {}).values() if _loses_always(v)))
-            out.append(
+            out += [
+                "",
                 f"`finetune` loses in every one of its {n} seeds on: {', '.join(every)} (one-sided sign test "
-                f"p = {0.5**n:.3f} each)."
-            )
+                f"p = {0.5**n:.3f} each).",
+            ]
     return out
 
 
