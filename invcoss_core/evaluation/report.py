@@ -187,14 +187,15 @@ def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: M
         )
         out += ["", verdict]
         every = [
-            f"{task} ({probe})" for task in earlier for probe, v in per_task.get(task, {}).items() if _loses_always(v)
+            (task, probe, v) for task in earlier for probe, v in per_task.get(task, {}).items() if _loses_always(v)
         ]
         if every:
-            n = int(next(v["of"] for t in earlier for v in per_task.get(t, {}).values() if _loses_always(v)))
+            n = int(every[0][2]["of"])
+            listed = ", ".join(f"{task} ({probe})" for task, probe, _ in every)
             out += [
                 "",
-                f"`finetune` loses in every one of its {n} seeds on: {', '.join(every)} (one-sided sign test "
-                f"p = {0.5**n:.3f} each).",
+                f"`finetune` loses in every one of its {n} seeds on: {listed} (one-sided sign test p = {0.5**n:.3f} "
+                "each).",
             ]
     return out
 
