@@ -437,26 +437,30 @@ def _dicom_series_affine(first: Any, has_positions: bool) -> tuple[np.ndarray | 
 
     Only directions matter for the reorientation, so unit steps stand in for the spacing.
     """
-    orientation = first.get("ImageOrientationPatient")
-    if not has_positions or orientation is None or len(orientation) != 6:
+    axes = _dicom_axes(first)
+    if not has_positions or axes is None:
         return None, "no ImagePositionPatient / ImageOrientationPatient"
-    row = np.array([float(v) for v in orientation[:3]])  # direction of increasing column index (LPS)
-    col = np.array([float(v) for v in orientation[3:]])  # direction of increasing row index
     affine = np.eye(4)
-    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.stack([row, col, np.cross(row, col)], axis=1)  # LPS → RAS
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.stack(axes, axis=1)  # LPS → RAS
     return affine, ""
+
+
+def _dicom_axes(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(row, column, normal) LPS directions from ImageOrientationPatient: the directions of increasing column
+    index, increasing row index, and the slice normal; None when the tag is missing or malformed."""
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation is None or len(orientation) != 6:
+        return None
+    row = np.array([float(v) for v in orientation[:3]])
+    col = np.array([float(v) for v in orientation[3:]])
+    return row, col, np.cross(row, col)
 
 
 def _slice_position(ds: Any, fallback: int) -> float:
     position = ds.get("ImagePositionPatient")
-    orientation = ds.get("ImageOrientationPatient")
     if position is not None and len(position) == 3:
-        if orientation is not None and len(orientation) == 6:
-            row = np.array([float(v) for v in orientation[:3]])
-            col = np.array([float(v) for v in orientation[3:]])
-            normal = np.cross(row, col)
-        else:
-            normal = np.array([0.0, 0.0, 1.0])
+        axes = _dicom_axes(ds)
+        normal = axes[2] if axes is not None else np.array([0.0, 0.0, 1.0])
         return float(np.dot(np.array([float(v) for v in position]), normal))
     number = ds.get("InstanceNumber")
     return float(number) if number is not None else float(fallback)

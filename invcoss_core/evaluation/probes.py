@@ -194,7 +194,10 @@ def encoder_features(
     return torch.cat(out) if out else torch.zeros(0, width)
 
 
-def pixel_features(images: torch.Tensor, max_dim: int = 4096) -> torch.Tensor:
+PIXEL_FEATURE_DIM = 4096  # the raw-pixel baseline pools its input to at most this many values
+
+
+def pixel_features(images: torch.Tensor, max_dim: int = PIXEL_FEATURE_DIM) -> torch.Tensor:
     """Raw-pixel baseline features: the flattened image, average-pooled until at most `max_dim` values.
 
     Args:

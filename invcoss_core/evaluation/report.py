@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from invcoss_core.evaluation.metrics import PairedDifference, paired_difference
+from invcoss_core.evaluation.probes import PIXEL_FEATURE_DIM
 
 
 def _num(value: Any) -> float:
@@ -443,7 +444,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             if pooling == "mean_centre"
             else "."
         )
-        + " Raw pixels: the input, average-pooled to at most 4096 values."
+        + f" Raw pixels: the input, average-pooled to at most {PIXEL_FEATURE_DIM} values."
     )
     figures = results.get("figures", [])
     if figures:
