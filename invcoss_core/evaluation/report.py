@@ -201,6 +201,47 @@ def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: M
     return out
 
 
+def _margin_lines(
+    methods: Mapping[str, Any], tasks: Sequence[str], earlier: Sequence[int], task_stage: Sequence[int], rnd: Any
+) -> list[str]:
+    """Per earlier task: what stage training added over the random encoder, and how much of it the last stage kept.
+
+    A probe can only show forgetting of what training added: on a task where the encoder after the task's own
+    stage is no better than a random encoder, a later loss measures noise, not forgotten knowledge.
+    """
+    sequential = {n: m for n, m in methods.items() if len(m["acc"]) > 1}
+    if not sequential or not earlier:
+        return []
+    out = [
+        "",
+        "### What stage training added over the random encoder, and what the last stage kept",
+        "",
+        "Points above the random encoder: after the task's own stage → after the last stage (linear / kNN). "
+        "Forgetting can only show where the first number is clearly positive; where it is not, training added "
+        "nothing this probe can see, and a later change is noise.",
+        "",
+    ]
+    rows = [
+        [
+            "random encoder (%)",
+            *(f"{_pct(rnd['acc'][j])} / {_pct(rnd['acc_knn'][j])}" for j in earlier),
+        ]
+    ]
+    for name, m in sequential.items():
+        cells = []
+        for j in earlier:
+            own = task_stage[j]
+            linear = (_num(m["acc"][own][j]) - _num(rnd["acc"][j]), _num(m["acc"][-1][j]) - _num(rnd["acc"][j]))
+            knn = (
+                _num(m["acc_knn"][own][j]) - _num(rnd["acc_knn"][j]),
+                _num(m["acc_knn"][-1][j]) - _num(rnd["acc_knn"][j]),
+            )
+            cells.append(f"{_signed(linear[0])} → {_signed(linear[1])} / {_signed(knn[0])} → {_signed(knn[1])}")
+        rows.append([f"**{name}**", *cells])
+    out += _table(["method", *(tasks[j] for j in earlier)], rows)
+    return out
+
+
 def _loses_always(found: Mapping[str, Any]) -> bool:
     """Every seed (two or more) lost on this task and probe; results written before the loss count say nothing."""
     return found.get("of", 0) > 1 and found.get("losses") == found.get("of")
@@ -336,6 +377,7 @@ def render_report(results: Mapping[str, Any]) -> str:
         )
     out += _table(["method", *task_header, "Avg prev", "BWT"], rows)
     out += _task_bwt_lines(methods, [tasks[j] for j in earlier_tasks], results.get("forgetting", {}))
+    out += _margin_lines(methods, tasks, earlier_tasks, task_stage, rnd)
     out += [
         "",
         "## Held-out masked-reconstruction loss (↓) after the last stage",

@@ -303,3 +303,23 @@ def test_per_task_forgetting_is_judged_against_each_tasks_own_spread() -> None:
     assert "every one of" not in "\n".join(_task_bwt_lines({"finetune": entry}, ["a", "b"], {"tasks": older})), (
         "results without the loss counts claim nothing"
     )
+
+
+def test_margin_table_measures_each_earlier_task_against_the_random_encoder_at_its_own_stage() -> None:
+    from invcoss_core.evaluation.report import _margin_lines
+
+    # tasks a (stage 0), b (stage 1), c (stage 2, the last: not an earlier task); three stages
+    finetune = {
+        "acc": [[0.80, 0.50, 0.5], [0.78, 0.90, 0.5], [0.75, 0.70, 0.9]],
+        "acc_knn": [[0.70, 0.40, 0.5], [0.70, 0.60, 0.5], [0.60, 0.45, 0.9]],
+    }
+    joint = {"acc": [[0.9, 0.9, 0.9]], "acc_knn": [[0.9, 0.9, 0.9]]}  # one stage: nothing to forget, no row
+    rnd = {"acc": [0.70, 0.80, 0.5], "acc_knn": [0.65, 0.50, 0.5]}
+    lines = _margin_lines({"joint": joint, "finetune": finetune}, ["a", "b", "c"], [0, 1], [0, 1, 2], rnd)
+    text = "\n".join(lines)
+    assert "| method | a | b |" in text
+    assert "| random encoder (%) | 70.0 / 65.0 | 80.0 / 50.0 |" in text
+    # a: own stage 0 -> +10 linear, +5 kNN; last stage +5, -5.  b: own stage 1 -> +10, +10; last -10, -5
+    assert "| **finetune** | +10.0 → +5.0 / +5.0 → -5.0 | +10.0 → -10.0 / +10.0 → -5.0 |" in text
+    assert "**joint**" not in text
+    assert _margin_lines({"joint": joint}, ["a", "b", "c"], [0, 1], [0, 1, 2], rnd) == []
