@@ -202,7 +202,11 @@ def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: M
 
 
 def _margin_lines(
-    methods: Mapping[str, Any], tasks: Sequence[str], earlier: Sequence[int], task_stage: Sequence[int], rnd: Any
+    methods: Mapping[str, Any],
+    tasks: Sequence[str],
+    earlier: Sequence[int],
+    task_stage: Sequence[int],
+    rnd: Mapping[str, Any],
 ) -> list[str]:
     """Per earlier task: what stage training added over the random encoder, and how much of it the last stage kept.
 
@@ -228,16 +232,12 @@ def _margin_lines(
         ]
     ]
     for name, m in sequential.items():
-        cells = []
-        for j in earlier:
-            own = task_stage[j]
-            linear = (_num(m["acc"][own][j]) - _num(rnd["acc"][j]), _num(m["acc"][-1][j]) - _num(rnd["acc"][j]))
-            knn = (
-                _num(m["acc_knn"][own][j]) - _num(rnd["acc_knn"][j]),
-                _num(m["acc_knn"][-1][j]) - _num(rnd["acc_knn"][j]),
-            )
-            cells.append(f"{_signed(linear[0])} → {_signed(linear[1])} / {_signed(knn[0])} → {_signed(knn[1])}")
-        rows.append([f"**{name}**", *cells])
+
+        def margins(key: str, j: int, m: Mapping[str, Any] = m) -> str:
+            above = [_num(m[key][stage][j]) - _num(rnd[key][j]) for stage in (task_stage[j], -1)]
+            return f"{_signed(above[0])} → {_signed(above[1])}"
+
+        rows.append([f"**{name}**", *(f"{margins('acc', j)} / {margins('acc_knn', j)}" for j in earlier)])
     out += _table(["method", *(tasks[j] for j in earlier)], rows)
     return out
 
