@@ -152,6 +152,11 @@ def _goal_lines(methods: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _margin(acc: Sequence[Sequence[Any]], random_acc: Sequence[Any], own: int, task: int) -> str:
+    """Points above the random encoder on `task` after its own stage `own` and after the last stage: "+a → +b"."""
+    return " → ".join(_signed(_num(acc[stage][task]) - _num(random_acc[task])) for stage in (own, -1))
+
+
 def _task_bwt_lines(methods: Mapping[str, Any], earlier: Sequence[str], check: Mapping[str, Any]) -> list[str]:
     """Backward transfer per earlier task and probe (sequential methods), and where finetune's is beyond noise."""
     sequential = {n: m for n, m in methods.items() if m.get("task_bwt")}
@@ -213,7 +218,7 @@ def _margin_lines(
     A probe can only show forgetting of what training added: on a task where the encoder after the task's own
     stage is no better than a random encoder, a later loss measures noise, not forgotten knowledge.
     """
-    sequential = {n: m for n, m in methods.items() if len(m["acc"]) > 1}
+    sequential = {n: m for n, m in methods.items() if len(m["acc"]) > 1}  # joint has one stage
     if not sequential or not earlier:
         return []
     out = [
@@ -232,12 +237,8 @@ def _margin_lines(
         ]
     ]
     for name, m in sequential.items():
-
-        def margins(key: str, j: int, m: Mapping[str, Any] = m) -> str:
-            above = [_num(m[key][stage][j]) - _num(rnd[key][j]) for stage in (task_stage[j], -1)]
-            return f"{_signed(above[0])} → {_signed(above[1])}"
-
-        rows.append([f"**{name}**", *(f"{margins('acc', j)} / {margins('acc_knn', j)}" for j in earlier)])
+        cells = [" / ".join(_margin(m[key], rnd[key], task_stage[j], j) for key in ("acc", "acc_knn")) for j in earlier]
+        rows.append([f"**{name}**", *cells])
     out += _table(["method", *(tasks[j] for j in earlier)], rows)
     return out
 
