@@ -128,6 +128,17 @@ def bench(
             help="Stage modalities in order, e.g. xray,ct,mri,pathology (default: the profile's ct,mri,pathology)."
         ),
     ] = None,
+    stage_steps: Annotated[
+        str | None,
+        typer.Option(
+            help="Optimiser steps of each stage, comma-separated in stage order, e.g. 6000,1500,3000 (default: "
+            "the profile's). A changed first stage is a different benchmark: use a new --out."
+        ),
+    ] = None,
+    epochs_per_stage: Annotated[
+        int | None,
+        typer.Option(min=1, help="Epochs each stage's steps are split into (checkpoints; default: the profile's)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's).")] = None,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the PNG figures.")] = False,
@@ -171,6 +182,15 @@ def bench(
             default_steps = dict(zip(base.order, base.stage_steps))
             changes["order"] = names
             changes["stage_steps"] = tuple(default_steps.get(m, base.stage_steps[-1]) for m in names)
+        if stage_steps:
+            try:
+                changes["stage_steps"] = tuple(int(v) for v in stage_steps.split(",") if v.strip())
+            except ValueError:
+                raise typer.BadParameter(
+                    f"--stage-steps {stage_steps!r} must be whole numbers, e.g. 6000,1500,3000"
+                ) from None
+        if epochs_per_stage is not None:
+            changes["epochs_per_stage"] = epochs_per_stage
         if ablation_seeds is not None:
             changes["ablation_seeds"] = ablation_seeds
         settings = bench_settings(profile, **changes)
