@@ -43,10 +43,10 @@ def test_stage_steps_and_epochs_reach_the_bench_settings(tmp_path: Path, monkeyp
     monkeypatch.setattr(cli, "load_bench_data", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli, "run_bench", fake_run_bench)
     args = ["--out", str(tmp_path), "--data", str(tmp_path), "--profile", "small", "--no-progress"]
-    result = CliRunner().invoke(app, [*args, "--stage-steps", "6000,1500,3000", "--epochs-per-stage", "6"])
+    result = CliRunner().invoke(app, [*args, "--stage-steps", "3000,1500,3000", "--epochs-per-stage", "3"])
     assert result.exit_code == 2 and "stop here" in result.output
-    assert seen["settings"].stage_steps == (6000, 1500, 3000)
-    assert seen["settings"].epochs_per_stage == 6
+    assert seen["settings"].stage_steps == (3000, 1500, 3000)
+    assert seen["settings"].epochs_per_stage == 3
     assert seen["settings"].first_stage_config(0).train.steps_per_epoch == 1000
 
 
