@@ -1,11 +1,11 @@
 """Does a longer first stage add probe margin over a random encoder? One stage's probes and loss, epoch by epoch.
 
-The `small` benchmark's probes barely separate stage-trained encoders from a random one. Issue 6 names "converged
-earlier stages" as a way to strengthen the benchmark; this measures whether it would: it trains the bench's first
-stage (same data, seed and settings as `invcoss bench`, only the step count changed) and after every epoch probes
-the encoder on that modality's tasks and measures its held-out reconstruction loss, next to the random encoder and
-raw pixels of the same probe sets. Intermediate epochs are points on one cosine schedule (their learning rate has
-not decayed), so the last row is the converged model and the earlier rows show how the margin grows with training.
+Issue 6 names "converged earlier stages" as a way to strengthen the benchmark; this measures whether a stage is
+converged and what training it longer adds: it trains the bench's first stage (same data, seed and settings as
+`invcoss bench`; --steps and --epochs as given, by default the `small` profile's first stage) and after every epoch
+probes the encoder on that modality's tasks and measures its held-out reconstruction loss, next to the random
+encoder and raw pixels of the same probe sets. Intermediate epochs are points on one cosine schedule (their learning
+rate has not decayed), so the last row is the trained model and the earlier rows show how the margin grows.
 
     python benchmarks/bench_stage_convergence.py --data DIR --steps 6000 --epochs 6 --out DIR
 """
