@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from invcoss_core.data import TensorImages
 from invcoss_core.evaluation.data import load_bench_data
@@ -27,10 +26,11 @@ from invcoss_core.evaluation.evaluate import probe_model, probe_pixels
 from invcoss_core.evaluation.recon import decoder_state, own_decoder_loss
 from invcoss_core.evaluation.settings import bench_settings
 from invcoss_core.events import ProgressEvent
+from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import replay_class
 from invcoss_core.training import run_stage
-from invcoss_core.training.checkpoint import CKPT_TENSORS
-from invcoss_core.training.stage import seeded_model
+from invcoss_core.training.checkpoint import load_checkpoint
+from invcoss_core.training.stage import seeded_model, stage_fingerprint
 
 
 def _row(label: str, probes: dict[str, dict[str, float]], recon: float | None, **extra: Any) -> dict[str, Any]:
@@ -74,9 +74,8 @@ def main() -> None:
     val = data.modalities[modality].val
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def recon_of(model: torch.nn.Module) -> float:
-        state = decoder_state(model.state_dict())
-        return own_decoder_loss(model, state, val, modality, settings.recon).loss  # type: ignore[arg-type]
+    def recon_of(model: MultiModalMAE) -> float:
+        return own_decoder_loss(model, decoder_state(model.state_dict()), val, modality, settings.recon).loss
 
     random_model = seeded_model(config, 1).eval()  # the bench's random-encoder baseline of this seed
     random = probe_model(random_model, data.tasks, settings.probes)
@@ -91,15 +90,19 @@ def main() -> None:
         _print_row(row, tasks, None)
     print("points above the random encoder:")
     work = args.out / "stage.work"
+    run_id = f"convergence-seed{args.seed}"
+    train_data = TensorImages(data.modalities[modality].train)
+    fingerprint = stage_fingerprint(config, modality, None, run_id, len(train_data))
     started = time.perf_counter()
     steps_per_epoch = args.steps // args.epochs
 
     def on_event(event: ProgressEvent) -> None:
         if "epoch_loss" not in event.metrics:
             return
-        model = seeded_model(config, 1)
-        state = load_file(str(work / "checkpoint" / CKPT_TENSORS))
-        model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+        checkpoint = load_checkpoint(work / "checkpoint", fingerprint)  # just written at the epoch's end
+        assert checkpoint is not None, "run_stage writes an epoch's checkpoint before it reports the epoch"
+        model = build_model(config.model)
+        model.load_state_dict(checkpoint.model)
         model.eval()
         row = _row(
             f"epoch {event.epoch} ({event.epoch * steps_per_epoch} steps)",
@@ -115,8 +118,8 @@ def main() -> None:
     run_stage(
         config=config,
         modality=modality,
-        train_data=TensorImages(data.modalities[modality].train),
-        run_id=f"convergence-seed{args.seed}",
+        train_data=train_data,
+        run_id=run_id,
         site=modality,
         out_dir=args.out / "stage",
         work_dir=work,

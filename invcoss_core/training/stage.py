@@ -92,7 +92,8 @@ def prepare_models(
     return student.to(device), teacher
 
 
-def _fingerprint(config: StageConfig, modality: str, incoming: Artifact | None, run_id: str, n: int) -> str:
+def stage_fingerprint(config: StageConfig, modality: str, incoming: Artifact | None, run_id: str, n: int) -> str:
+    """What a stage's epoch checkpoints are keyed by (`load_checkpoint`): its inputs, `n` training samples."""
     blob = json.dumps(
         {
             "config": config.model_dump(mode="json"),
@@ -344,7 +345,7 @@ def run_stage(
         events=events,
     )
     strategy.begin_stage(ctx)
-    fingerprint = _fingerprint(config, modality, incoming, run_id, n)
+    fingerprint = stage_fingerprint(config, modality, incoming, run_id, n)
     checkpoint_dir = Path(work_dir) / "checkpoint" if work_dir is not None else None
     stats, history, resumed, train_seconds, seen = train_stage(
         config=config,
