@@ -139,6 +139,14 @@ def bench(
         int | None,
         typer.Option(min=1, help="Epochs each stage's steps are split into (checkpoints; default: the profile's)."),
     ] = None,
+    joint_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Steps of `joint`'s single stage (each: a batch of the first modality and one of another in turn; "
+            "default: the profile's).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's).")] = None,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the PNG figures.")] = False,
@@ -191,6 +199,8 @@ def bench(
                 ) from None
         if epochs_per_stage is not None:
             changes["epochs_per_stage"] = epochs_per_stage
+        if joint_steps is not None:
+            changes["joint_steps"] = joint_steps
         if ablation_seeds is not None:
             changes["ablation_seeds"] = ablation_seeds
         settings = bench_settings(profile, **changes)

@@ -86,7 +86,7 @@ class BenchSettings(BaseModel):
     order: tuple[str, ...] = ("ct", "mri", "pathology")  # modality of each stage, in training order
     stage_steps: tuple[int, ...]  # optimiser steps of each stage (same length as `order`)
     epochs_per_stage: int = Field(4, gt=0)  # steps are split into this many epochs (checkpoints, statistics)
-    joint_steps: int = Field(gt=0)  # steps of the single joint stage (each step: one batch of two modalities)
+    joint_steps: int = Field(gt=0)  # steps of the single joint stage (each: a first-modality batch + one of another)
     seeds: int = Field(3, gt=0)  # seeds of the core methods
     ablation_seeds: int = Field(1, gt=0)  # seeds of the ablations (capped by `seeds`)
     data_seed: int = 0  # fixes the held-out subjects and probe splits: the same for every training seed
@@ -191,7 +191,10 @@ _SMALL = BenchSettings(
     # docs/results/small-ras used (2000, 1500, 3000) in 5 epochs (`--stage-steps 2000,1500,3000 --epochs-per-stage 5`).
     stage_steps=(6000, 1500, 3000),
     epochs_per_stage=6,
-    joint_steps=2000,
+    # A joint step is one CT batch plus one batch of MRI or pathology in turn: 6000 steps give CT the batches that
+    # converged its own stage and the later modalities at least their sequential stages' (docs/results/small-ras used
+    # 2000: `--joint-steps 2000`).
+    joint_steps=6000,
     seeds=3,
     ablation_seeds=1,
     stage_config={

@@ -33,7 +33,7 @@ def test_unknown_profile_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
 
 
-def test_stage_steps_and_epochs_reach_the_bench_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_and_joint_steps_reach_the_bench_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
     def fake_run_bench(*, settings: BenchSettings, **_: Any) -> None:
@@ -43,10 +43,13 @@ def test_stage_steps_and_epochs_reach_the_bench_settings(tmp_path: Path, monkeyp
     monkeypatch.setattr(cli, "load_bench_data", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli, "run_bench", fake_run_bench)
     args = ["--out", str(tmp_path), "--data", str(tmp_path), "--profile", "small", "--no-progress"]
-    result = CliRunner().invoke(app, [*args, "--stage-steps", "3000,1500,3000", "--epochs-per-stage", "3"])
+    options = ["--stage-steps", "3000,1500,3000", "--epochs-per-stage", "3", "--joint-steps", "2000"]
+    result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 2 and "stop here" in result.output
     assert seen["settings"].stage_steps == (3000, 1500, 3000)
     assert seen["settings"].epochs_per_stage == 3
+    assert seen["settings"].joint_steps == 2000
+    assert seen["settings"].config_for("joint", 0, 0).train.steps_per_epoch == 2000 // 3
     assert seen["settings"].first_stage_config(0).train.steps_per_epoch == 1000
 
 
