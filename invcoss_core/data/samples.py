@@ -439,10 +439,31 @@ def _write_dicom_series(
         ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
 
 
+def _write_checked_dicom_series(
+    image: np.ndarray, header: dict[str, Any], affine: np.ndarray, folder: Path, patient: str, description: str
+) -> None:
+    """Write `image` as a DICOM series and check that it reads back as the RAS view of the source volume.
+
+    The reader returns a series in RAS order; a label map stored as NIfTI with the same `affine` is read in RAS
+    order too, so the two line up voxel for voxel exactly when this check holds.
+
+    Raises:
+        SampleFetchError: when the series reads back with another shape or orientation (its masks would not line up).
+    """
+    from invcoss_core.data.readers import _to_ras, read_dicom_series
+
+    _write_dicom_series(image.astype(np.int16), header, folder, patient, description)
+    back = read_dicom_series(sorted(folder.iterdir())).array
+    ras = _to_ras(image.astype(np.int16).astype(np.float32), None, affine)[0]
+    if not np.array_equal(back, ras):
+        raise SampleFetchError(
+            f"{patient}: the DICOM series written to {folder} does not read back as the RAS view of the source "
+            f"volume (read {back.shape}, expected {ras.shape} with the same voxels); its label map would not line up"
+        )
+
+
 # ------------------------------------------------------------------------------------------- extractors
 def _extract_pyradiomics(archive: _Archive, layout: _Layout, pin: PackagePin) -> None:
-    from invcoss_core.data.readers import read_dicom_series
-
     prefix = "pyradiomics-3.0.1/data/"
     cases = (
         ("lung1", "ct", "ct_tumour"),
@@ -461,14 +482,7 @@ def _extract_pyradiomics(archive: _Archive, layout: _Layout, pin: PackagePin) ->
         if case == "brain2":  # real MR as a DICOM series, so that the series reader runs on real data
             rel = f"{modality}/{case}"
             folder = layout.root / rel
-            _write_dicom_series(image.astype(np.int16), header, folder, case, "pyradiomics brain2 T1 post-contrast")
-            back = read_dicom_series(sorted(folder.iterdir())).array
-            if np.array_equal(back, image.astype(np.float32)):
-                pass
-            elif np.array_equal(back, image[:, :, ::-1].astype(np.float32)):
-                mask = mask[:, :, ::-1]
-            else:
-                raise SampleFetchError("brain2 DICOM series does not read back as written")
+            _write_checked_dicom_series(image, header, affine, folder, case, "pyradiomics brain2 T1 post-contrast")
         else:
             rel = f"{modality}/{case}.nii.gz"
             layout.write(rel, _nifti_bytes(image.astype(np.int16), affine))

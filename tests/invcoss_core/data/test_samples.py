@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -206,3 +207,46 @@ def test_concurrent_fetches_take_turns_and_both_get_the_folder(tmp_path: Path, f
     assert errors == [] and results == [tmp_path / "out", tmp_path / "out"]
     assert sorted(fake_recipe["calls"]) == sorted(p.name for p in fake_recipe["pins"])  # each extracted once
     assert samples.read_manifest(tmp_path / "out") is not None
+
+
+def test_a_written_dicom_series_lines_up_with_its_nifti_label_map(tmp_path: Path) -> None:
+    """brain2's recipe: an LPS NRRD volume becomes a DICOM series, its mask a NIfTI with the NRRD's affine; read
+    back, both come out in RAS order and the labelled voxels are exactly the marked ones (an x-flip or y-flip of
+    either would move them)."""
+    from invcoss_core.data.readers import read_dicom_series, read_nifti
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 200, size=(12, 10, 4)).astype(np.int16)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[1:3, 6:9, 1] = 1  # an off-centre block: left-right and front-back flips land elsewhere
+    image[mask > 0] = 1000
+    header = {  # brain2's geometry: +x left, -y (anterior), +z superior, in LPS
+        "space directions": np.array([[0.78125, 0, 0], [0, -0.78125, 0], [0, 0, 6.5]]),
+        "space origin": np.array([-110.0, 103.4, -62.7]),
+    }
+    affine = samples._nrrd_affine(header)
+    folder = tmp_path / "mri" / "case"
+    samples._write_checked_dicom_series(image, header, affine, folder, "case", "test series")
+    (tmp_path / "mask.nii.gz").write_bytes(samples._nifti_bytes(mask, affine))
+    series = read_dicom_series(sorted(folder.iterdir())).array
+    labels = read_nifti(tmp_path / "mask.nii.gz").array
+    assert series.shape == labels.shape == image.shape
+    assert not np.array_equal(series, image.astype(np.float32))  # reoriented: the check must not compare raw order
+    assert labels.sum() == mask.sum() and np.all(series[labels > 0] == 1000)
+    assert np.all(series[labels == 0] < 1000)
+
+
+def test_a_dicom_series_that_reads_back_otherwise_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from invcoss_core.data import readers
+
+    image = np.arange(12 * 10 * 4, dtype=np.int16).reshape(12, 10, 4)
+    header = {"space directions": np.diag([1.0, 1.0, 2.0]), "space origin": np.zeros(3)}
+    real = readers.read_dicom_series
+
+    def mirrored(paths: Any) -> Any:
+        raw = real(paths)
+        return dataclasses.replace(raw, array=raw.array[::-1].copy())
+
+    monkeypatch.setattr(readers, "read_dicom_series", mirrored)
+    with pytest.raises(SampleFetchError, match="does not read back as the RAS view"):
+        samples._write_checked_dicom_series(image, header, samples._nrrd_affine(header), tmp_path / "s", "p", "d")
