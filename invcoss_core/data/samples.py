@@ -49,7 +49,9 @@ from invcoss_core.data.probes import TASK_DEFINITIONS
 
 logger = logging.getLogger(__name__)
 
-SAMPLES_FORMAT_VERSION = 2  # bump whenever the folder layout changes: complete folders are rebuilt
+SAMPLES_FORMAT_VERSION = 3  # bump whenever the folder layout or its contents change: complete folders are rebuilt
+# 3: brain2's tumour mask lines up with its DICOM series read in RAS order (folders of 2 built before the readers
+#    reoriented to RAS held it mirrored along z)
 REQUIRED_MODALITIES: tuple[str, ...] = ("ct", "mri", "pathology", "xray")
 ENV_SAMPLES_DIR = "INVCOSS_SAMPLES_DIR"
 ENV_PACKAGE_CACHE = "INVCOSS_PACKAGE_CACHE"
