@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -12,6 +14,8 @@ from typer.testing import CliRunner
 from invcoss_core.config import DataConfig, StageConfig
 from invcoss_core.data import cli, list_probe_tasks, load_image_for_embedding, load_probe_task, load_site_dataset
 from invcoss_core.data.check import check_site_data
+from invcoss_core.data.readers import read_dicom_series, read_nifti, read_nrrd
+from invcoss_core.data.samples import PINS, default_package_cache
 from tests.invcoss_core.data.conftest import spec_of
 
 MODALITIES = ("ct", "mri", "pathology", "xray")
@@ -80,3 +84,22 @@ def test_real_embedding_inputs(sample_data: Path, tiny: StageConfig) -> None:
     for modality, rel in cases:
         x = load_image_for_embedding(sample_data / rel, modality, spec_of(tiny, modality))
         assert tuple(x.shape) == spec_of(tiny, modality).input_shape and x.dtype == torch.float32
+
+
+def test_brain2_series_and_its_tumour_mask_read_as_the_source_nrrd_pair(sample_data: Path, tmp_path: Path) -> None:
+    """brain2 is stored as a DICOM series with a NIfTI tumour mask; both must read exactly as pyradiomics' own NRRD
+    image and label read (all three readers return RAS order). Sample folders of format 2 built before the readers
+    reoriented held the mask mirrored along z against the series: this fails on such a folder."""
+    pin = next(p for p in PINS if p.name == "pyradiomics")
+    sdist = default_package_cache() / pin.filename
+    if not sdist.is_file():
+        pytest.skip(f"{sdist} is not cached (the sample folder was built elsewhere)")
+    with tarfile.open(sdist) as tar:
+        for part in ("image", "label"):
+            member = tar.extractfile(f"pyradiomics-{pin.version}/data/brain2_{part}.nrrd")
+            assert member is not None
+            (tmp_path / f"{part}.nrrd").write_bytes(member.read())
+    series = read_dicom_series(sorted((sample_data / "mri" / "brain2").iterdir())).array
+    mask = read_nifti(sample_data / "labels" / "tumour" / "brain2_mask.nii.gz").array > 0
+    assert np.array_equal(series, read_nrrd(tmp_path / "image.nrrd").array)
+    assert np.array_equal(mask, read_nrrd(tmp_path / "label.nrrd").array > 0) and mask.any()
