@@ -454,9 +454,10 @@ def _write_checked_dicom_series(
     """
     from invcoss_core.data.readers import _to_ras, read_dicom_series
 
-    _write_dicom_series(image.astype(np.int16), header, folder, patient, description)
+    stored = image.astype(np.int16)
+    _write_dicom_series(stored, header, folder, patient, description)
     back = read_dicom_series(sorted(folder.iterdir())).array
-    ras = _to_ras(image.astype(np.int16).astype(np.float32), None, affine)[0]
+    ras = _to_ras(stored.astype(np.float32), None, affine)[0]
     if not np.array_equal(back, ras):
         raise SampleFetchError(
             f"{patient}: the DICOM series written to {folder} does not read back as the RAS view of the source "

