@@ -9,7 +9,7 @@ from invcoss_core.data.dataset import (
     load_site_dataset,
 )
 from invcoss_core.data.discovery import Discovery, ImageSource, discover_images
-from invcoss_core.data.errors import ImageReadError, SampleFetchError, SiteDataError
+from invcoss_core.data.errors import ImageReadError, ProbeTaskTooSmallError, SampleFetchError, SiteDataError
 from invcoss_core.data.probes import ProbeSet, ProbeTaskInfo, list_probe_tasks, load_probe_task
 from invcoss_core.data.samples import default_samples_dir, fetch_samples
 
@@ -22,6 +22,7 @@ __all__ = [
     "LoadReport",
     "ProbeSet",
     "ProbeTaskInfo",
+    "ProbeTaskTooSmallError",
     "SampleFetchError",
     "SiteDataError",
     "SiteDataset",

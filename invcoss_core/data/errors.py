@@ -20,3 +20,7 @@ class ImageReadError(ValueError):
 
 class SampleFetchError(RuntimeError):
     """``invcoss samples fetch`` could not produce a complete sample-data folder; the message says how to retry."""
+
+
+class ProbeTaskTooSmallError(SiteDataError):
+    """A probe task's images cannot give patches of the model's input size on both sides of its split."""

@@ -42,7 +42,7 @@ import torch
 
 from invcoss_core.config import ModalitySpec
 from invcoss_core.data.discovery import ImageSource, discover_images, source_for_file
-from invcoss_core.data.errors import ImageReadError, SiteDataError
+from invcoss_core.data.errors import ImageReadError, ProbeTaskTooSmallError, SiteDataError
 from invcoss_core.data.preprocess import foreground_threshold, pad_value, prepare_image, resample
 from invcoss_core.data.readers import read_image
 from invcoss_core.data.sampling import (
@@ -275,10 +275,18 @@ def load_probe_task(
         _label_by_median(samples)
     keep = _cap_classes(samples.labels, len(classes), cap, np.random.default_rng(stable_seed(seed, task, "cap")))
     if not keep.size:
-        raise SiteDataError(f"probe task {task!r}: no labelled patch could be cut at size {spec.img_size}")
+        raise ProbeTaskTooSmallError(f"probe task {task!r}: no labelled patch could be cut at size {spec.img_size}")
     all_flags, note = _split(samples, keep, len(classes), seed, task)
     flags = all_flags[0]
     final = keep[~np.isnan(flags[keep])]
+    sides = {"train": int(np.sum(flags[final] == 1.0)), "test": int(np.sum(flags[final] == 0.0))}
+    empty = [side for side, count in sides.items() if count == 0]
+    if empty:
+        raise ProbeTaskTooSmallError(
+            f"probe task {task!r}: no patch of size {spec.img_size} lies on the {' or '.join(empty)} side of its "
+            f"split ({note}; {len(keep)} patches cut): its images are too small for this input size. Use a "
+            "profile with smaller inputs, or leave the task out of the probes"
+        )
     x = torch.from_numpy(np.stack([samples.patches[i] for i in final]).astype(np.float32))
     y = torch.tensor([samples.labels[i] for i in final], dtype=torch.int64)
     subjects = [samples.subjects[i] for i in final]

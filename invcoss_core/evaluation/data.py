@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from invcoss_core.config import StageConfig
-from invcoss_core.data import list_probe_tasks, load_probe_task, load_site_dataset
+from invcoss_core.data import ProbeTaskTooSmallError, list_probe_tasks, load_probe_task, load_site_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,12 @@ def load_bench_data(
         seed: the data seed (held-out subjects, sample positions, probe splits).
         tasks: probe task names; None takes every task of a modality in `order`.
         max_per_class: probe samples per class (None: the data package's default).
+    A task whose images are too small for the input size (`ProbeTaskTooSmallError`) is left out, with a warning
+    and a note in `BenchData.notes`, unless `tasks` names it.
+
     Raises:
         BenchDataError: for a missing modality or an unknown requested task.
-        SiteDataError: when a folder cannot be read.
+        SiteDataError: when a folder cannot be read, or a task named in `tasks` is too small for the input size.
     """
     root = Path(root)
     modalities: dict[str, ModalityData] = {}
@@ -125,11 +128,22 @@ def load_bench_data(
     if unknown:
         raise BenchDataError(f"unknown probe tasks {unknown}; {root} offers {sorted(available)}")
     probe_tasks = []
+    notes = [m.note for m in modalities.values()]
     for name in wanted:
         info = available[name]
         if info.modality not in order:
             raise BenchDataError(f"probe task {name} is a {info.modality} task, but {info.modality} is not a stage")
-        probe = load_probe_task(root, name, config.model.spec(info.modality), seed=seed, max_per_class=max_per_class)
+        try:
+            probe = load_probe_task(
+                root, name, config.model.spec(info.modality), seed=seed, max_per_class=max_per_class
+            )
+        except ProbeTaskTooSmallError as err:
+            if tasks is not None:  # asked for by name: the caller must know
+                raise
+            # Every task was wanted by default: score the others, and say which one is missing and why.
+            logger.warning("left out: %s", err)
+            notes.append(f"probe task left out: {err}")
+            continue
         probe_tasks.append(
             ProbeTask(
                 name=name,
@@ -144,4 +158,4 @@ def load_bench_data(
             )
         )
     probe_tasks.sort(key=lambda t: (order.index(t.modality), t.name))
-    return BenchData(modalities, probe_tasks, source=str(root), notes=[m.note for m in modalities.values()])
+    return BenchData(modalities, probe_tasks, source=str(root), notes=notes)

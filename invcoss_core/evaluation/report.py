@@ -474,6 +474,9 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"- `{t}`: {note}; {n_test} test samples in the primary split; {scored}"
             f"{' (pseudo-labels, not a diagnosis)' if pseudo else ''}."
         )
+    for note in results.get("data", {}).get("notes", []):
+        if note.startswith("probe task left out: "):
+            out.append(f"- Left out of the probes: {note.removeprefix('probe task left out: ')}.")
     out.append(
         "- Probe accuracies are balanced accuracies (mean per-class recall); the probe splits and held-out "
         "subjects are fixed across seeds, so the sd reflects training only."

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from invcoss_core.config import StageConfig
+from invcoss_core.config import StageConfig, build_config
 from invcoss_core.data import SiteDataError, list_probe_tasks, load_probe_task
 from invcoss_core.data.probes import TASK_DEFINITIONS, hematoxylin_density
+from invcoss_core.evaluation.data import load_bench_data
 from tests.invcoss_core.data.conftest import spec_of
 from tests.invcoss_core.data.factories import ct_phantom, he_tile, mri_phantom, write_nifti, write_png
 
@@ -113,6 +114,29 @@ def test_one_subject_task_splits_by_region(labelled: Path, tiny: StageConfig) ->
     assert "not on both sides" not in probe.split_note
     assert probe.train_mask.any() and (~probe.train_mask).any()
     assert set(probe.y.tolist()) == {0, 1, 2}
+
+
+def test_a_task_whose_patches_cannot_fill_both_sides_of_its_split_is_refused_by_name(
+    labelled: Path, tiny: StageConfig
+) -> None:
+    # The atlas is 80 voxels long: 48-voxel patches fit before the 70 % cut but never after it (the base profile's
+    # 96³ inputs on the sample data's MNI brain did this, and the bench scored a probe with no test patch).
+    big = spec_of(tiny, "mri").model_copy(update={"img_size": (48, 48, 48), "patch_size": (8, 8, 8)})
+    with pytest.raises(SiteDataError, match=r"'mri_tissue'.*\(48, 48, 48\).*test side.*too small"):
+        load_probe_task(labelled, "mri_tissue", big, seed=0)
+
+
+def test_the_bench_leaves_out_a_task_too_small_for_its_inputs_and_says_why(labelled: Path, tiny: StageConfig) -> None:
+    modalities = tiny.model.model_dump()["modalities"]
+    modalities["mri"] = {**modalities["mri"], "img_size": (48, 48, 48), "patch_size": (8, 8, 8)}
+    config = build_config("tiny", {"model": {"modalities": modalities}})
+    data = load_bench_data(labelled, config, ("ct", "mri"), seed=0)
+    names = [t.name for t in data.tasks]
+    assert "ct_hu_tissue" in names and "mri_tissue" not in names  # the 80-voxel atlas cannot test a 48³ patch
+    left_out = [n for n in data.notes if n.startswith("probe task left out: ")]
+    assert any("'mri_tissue'" in n and "too small" in n for n in left_out)
+    with pytest.raises(SiteDataError, match="'mri_tissue'"):  # named explicitly: refused, not dropped
+        load_bench_data(labelled, config, ("ct", "mri"), seed=0, tasks=("ct_hu_tissue", "mri_tissue"))
 
 
 def test_pathology_tasks_are_marked_pseudo(labelled: Path, tiny: StageConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -133,6 +134,11 @@ def test_report_only_trains_nothing_and_reports_the_seeds_each_method_has(tmp_pa
     assert report["methods"]["finetune"]["seeds"] == 1 and report["methods"]["finetune"]["seed_ids"] == [0]
     assert "ewc" not in report["methods"], "a method with no finished seed is left out, not invented"
     assert "**finetune**" in (tmp_path / "report.md").read_text()
+    # A probe task the data loader left out (images too small for the inputs) is named in the report's notes.
+    note = "probe task left out: probe task 'mri_tissue': no patch of size (48, 48, 48) lies on the test side"
+    noted = dataclasses.replace(data, notes=[*data.notes, note])
+    run_bench(settings=settings, methods=["finetune"], data=noted, out_dir=tmp_path, seeds=1, report_only=True)
+    assert "- Left out of the probes: probe task 'mri_tissue': no patch" in (tmp_path / "report.md").read_text()
 
 
 def test_changed_evaluation_settings_or_probe_tasks_re_evaluate_without_training(tmp_path: Path) -> None:
