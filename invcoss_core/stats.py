@@ -65,8 +65,10 @@ class FeatureStatsRecorder:
         depth = self._sum.shape[0]
         if len(captured) % depth:
             raise RuntimeError(f"captured {len(captured)} block inputs for a {depth}-block encoder")
+        if self._sum.device != captured[0].device:  # sum where the tokens are: no per-step copy off a GPU
+            self._sum, self._sumsq = self._sum.to(captured[0].device), self._sumsq.to(captured[0].device)
         for i, tokens in enumerate(captured):
-            flat = tokens.detach().reshape(-1, tokens.shape[-1]).to("cpu", torch.float64)
+            flat = tokens.detach().reshape(-1, tokens.shape[-1]).to(torch.float64)
             self._sum[i % depth] += flat.sum(0)
             self._sumsq[i % depth] += flat.pow(2).sum(0)
             if i % depth == 0:
@@ -85,8 +87,8 @@ class FeatureStatsRecorder:
         """
         if self._count == 0:
             raise RuntimeError(f"no feature statistics were recorded for {self.modality}")
-        mean = self._sum / self._count
-        var = (self._sumsq / self._count - mean.pow(2)).clamp_min(0.0)
+        mean = self._sum.cpu() / self._count
+        var = (self._sumsq.cpu() / self._count - mean.pow(2)).clamp_min(0.0)
         out: dict[str, torch.Tensor] = {f"{self.modality}.tokens": torch.tensor([float(self._count)])}
         for block in range(mean.shape[0]):
             out[stat_key(self.modality, block, "mean")] = mean[block].float()
