@@ -17,6 +17,8 @@ from invcoss_core.data import ProbeTaskTooSmallError, list_probe_tasks, load_pro
 
 logger = logging.getLogger(__name__)
 
+LEFT_OUT_NOTE = "probe task left out: "  # starts the BenchData note of a task too small for the inputs
+
 
 class BenchDataError(ValueError):
     """The benchmark's data cannot be assembled (a modality or a requested probe task is missing)."""
@@ -99,6 +101,9 @@ def load_bench_data(
 ) -> BenchData:
     """Load the SSL images (train and held-out splits) and the probe tasks of the modalities in `order`.
 
+    A task whose images are too small for the input size (`ProbeTaskTooSmallError`) is left out, with a warning
+    and a note in `BenchData.notes` (starting with `LEFT_OUT_NOTE`), unless `tasks` names it.
+
     Args:
         root: a sample-data folder (`invcoss samples fetch`): `<modality>/` image folders and `labels/`.
         config: gives the model input shapes and the data settings (samples per volume, held-out share).
@@ -106,8 +111,6 @@ def load_bench_data(
         seed: the data seed (held-out subjects, sample positions, probe splits).
         tasks: probe task names; None takes every task of a modality in `order`.
         max_per_class: probe samples per class (None: the data package's default).
-    A task whose images are too small for the input size (`ProbeTaskTooSmallError`) is left out, with a warning
-    and a note in `BenchData.notes`, unless `tasks` names it.
 
     Raises:
         BenchDataError: for a missing modality or an unknown requested task.
@@ -142,7 +145,7 @@ def load_bench_data(
                 raise
             # Every task was wanted by default: score the others, and say which one is missing and why.
             logger.warning("left out: %s", err)
-            notes.append(f"probe task left out: {err}")
+            notes.append(f"{LEFT_OUT_NOTE}{err}")
             continue
         probe_tasks.append(
             ProbeTask(

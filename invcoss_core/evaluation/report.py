@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from invcoss_core.evaluation.data import LEFT_OUT_NOTE
 from invcoss_core.evaluation.metrics import PairedDifference, paired_difference
 from invcoss_core.evaluation.probes import PIXEL_FEATURE_DIM
 
@@ -475,8 +476,8 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"{' (pseudo-labels, not a diagnosis)' if pseudo else ''}."
         )
     for note in results.get("data", {}).get("notes", []):
-        if note.startswith("probe task left out: "):
-            out.append(f"- Left out of the probes: {note.removeprefix('probe task left out: ')}.")
+        if note.startswith(LEFT_OUT_NOTE):
+            out.append(f"- Left out of the probes: {note.removeprefix(LEFT_OUT_NOTE)}.")
     out.append(
         "- Probe accuracies are balanced accuracies (mean per-class recall); the probe splits and held-out "
         "subjects are fixed across seeds, so the sd reflects training only."
