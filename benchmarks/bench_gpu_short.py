@@ -9,6 +9,9 @@ would not finish in time.
 
     python benchmarks/bench_gpu_short.py --data DIR --out DIR --stage-steps 3000,1000,2000 --methods finetune,invcoss
 
+On a machine lent through the device tool (no network, no project dependencies but torch and numpy),
+`benchmarks/gpu/pack.sh` packs the rest with the sample data and `benchmarks/gpu/run.sh` runs this there.
+
 What it changes from `base`, besides the steps and the learning rate: by default the input sizes are `small`'s
 (16³ volumes in 4³ patches, 32² pathology in 4² patches) with `small`'s data and probe settings. At `base`'s 96³
 the sample data's MRI probe tasks cannot be cut (a 2.4 mm MNI brain, 23-slice MR series: no 96³ patch of
