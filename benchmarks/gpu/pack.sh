@@ -1,8 +1,8 @@
 #!/bin/bash
 # Pack what a lent GPU machine (device tool: Python 3.12 with torch and numpy, no network) lacks to run
 # benchmarks/bench_gpu_short.py: the wheels of our other dependencies and the sample folder, as one archive
-# .gpudata/bundle.tar.xz (≈ 45 MB; the device takes at most 64 MiB with the working tree). Run from the repository
-# root with the dev environment built (`make venv`) and a fetched sample folder:
+# .gpudata/bundle.tar.xz (≈ 45 MB, git-ignored; the device takes at most 64 MiB with the working tree). Run from the
+# repository root with the dev environment built (`make venv`) and a fetched sample folder:
 #     bash benchmarks/gpu/pack.sh /path/to/samples
 # then on the device: `bash benchmarks/gpu/run.sh [bench_gpu_short.py flags]` with `.gpudata` carried.
 set -euo pipefail
@@ -10,7 +10,6 @@ SAMPLES=${1:?usage: pack.sh SAMPLES_DIR}
 PY=.venv/bin/python
 WORK=$(mktemp -d)
 mkdir -p "$WORK/whl" "$WORK/site" "$WORK/data/fetched" .gpudata
-grep -qs '^/.gpudata/' .git/info/exclude || { mkdir -p .git/info && echo /.gpudata/ >> .git/info/exclude; }
 PLAT=""
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   PLAT="$PLAT --platform ${p}_x86_64"
