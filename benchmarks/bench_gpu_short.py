@@ -45,8 +45,6 @@ from invcoss_core.evaluation.settings import BenchSettings, bench_settings
 def short_settings(args: argparse.Namespace) -> BenchSettings:
     """The `base` bench settings with this run's budgets (and, with --geometry small, the small input sizes)."""
     steps = tuple(int(s) for s in args.stage_steps.split(","))
-    small = bench_settings("small")
-    base = bench_settings("base")
     stage_config: dict[str, Any] = {
         "data": {"samples_per_volume": args.samples_per_volume, "max_samples": args.max_samples or None},
         "train": {"num_workers": args.workers, "lr": args.lr},
@@ -62,7 +60,7 @@ def short_settings(args: argparse.Namespace) -> BenchSettings:
         inversion.update({"batch_size": 2, "iterations": 2, "iterations_per_batch": 1, "num_images": 4})
     if inversion:
         stage_config["inversion"] = inversion
-    evaluation = small if args.geometry == "small" else base
+    evaluation = bench_settings(args.geometry)  # the small geometry takes small's probe settings, base base's
     probes = evaluation.probes.model_copy(update={"max_samples": args.probe_samples or evaluation.probes.max_samples})
     return bench_settings(
         "base",
@@ -127,8 +125,8 @@ def main() -> None:
     print(f"data loaded in {load_s:.1f} s on {device}", flush=True)
     timings: dict[str, float] = {"load_seconds": round(load_s, 1)}
     per_step: float | None = None
+    later_steps = sum(settings.stage_steps[1:])  # what a method that reuses the shared first stage still trains
     for method in [] if args.report_only else methods:
-        later_steps = sum(settings.stage_steps[1:])
         if per_step is not None and args.deadline:
             estimate = 1.3 * per_step * later_steps
             if time.perf_counter() - t0 + estimate > args.deadline:
