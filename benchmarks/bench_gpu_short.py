@@ -19,10 +19,11 @@ the sample data's MRI probe tasks cannot be cut (a 2.4 mm MNI brain, 23-slice MR
 The decoder probe is off (as in `small`, where it could not tell a trained encoder from a random one). `--smoke`
 shrinks batches and inversion to check the shapes end to end in a few minutes.
 
-Measured on an H100 (2026-11-27, `--stage-steps 3000,1000,2000 --lr 3e-4`): the ViT-B trains 822 images/s at
-batch 64 on CT (78 ms a step; 234 s for 3000 steps; about 1 TFLOP a step by count, so overhead rather than arithmetic
-sets the pace, not yet profiled), so a 10-minute slot
-fits the shared CT stage and one more; a comparison of three methods needs about 25 minutes.
+Measured on an H100 (2026-11-27): at batch 64 (`--stage-steps 3000,1000,2000 --lr 3e-4`) the ViT-B trained 822 CT
+images/s (78 ms a step), too slow for a comparison in a 10-minute slot; at `--batch-size 512 --replay-batch-size 256`
+6073 images/s (84 ms a step): the step's time is the host's, not the arithmetic. With `--stage-steps 700,300,500
+--epochs-per-stage 2 --lr 5e-4` `invcoss` took 293.5 s and `finetune` (after the shared stage) 112.8 s, evaluation
+included (docs/results/gpu-h100-short/).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def short_settings(args: argparse.Namespace) -> BenchSettings:
         "data": {"samples_per_volume": args.samples_per_volume, "max_samples": args.max_samples or None},
         "train": {"num_workers": args.workers, "lr": args.lr},
     }
+    if args.batch_size:
+        stage_config["train"]["batch_size"] = args.batch_size
+    if args.replay_batch_size:
+        stage_config["train"]["replay_batch_size"] = args.replay_batch_size
     if args.geometry == "small":
         modalities = build_config("small").model.model_dump()["modalities"]
         stage_config["model"] = {"modalities": modalities}
@@ -75,6 +80,14 @@ def short_settings(args: argparse.Namespace) -> BenchSettings:
     )
 
 
+def _cost_factor(method: str) -> float:
+    """A method's time per step relative to plain fine-tuning, roughly: a replay step also runs the replay batch
+    (distilling: through the frozen teacher too), and inversion comes on top. Measured on the H100 (2026-11-27, batch
+    512 + 256 replay): `invcoss` took 293.5 s for 700 + 300 + 500 steps with evaluation, `finetune` 112.8 s for the
+    300 + 500 after the shared stage, about 0.20 and 0.14 s a step; 2.0 keeps the estimate on the safe side."""
+    return 1.0 if method in ("finetune", "ewc") else 2.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="sample-data folder (invcoss samples fetch)")
@@ -91,6 +104,8 @@ def main() -> None:
         "data's probe tasks cannot be cut at 96³)",
     )
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (base preset: 1.5e-4)")
+    parser.add_argument("--batch-size", type=int, default=0, help="real images per step (0: the base preset's 64)")
+    parser.add_argument("--replay-batch-size", type=int, default=0, help="replay images per step (0: preset's 32)")
     parser.add_argument("--samples-per-volume", type=int, default=2048)
     parser.add_argument("--max-samples", type=int, default=0, help="SSL samples per modality and split (0: all)")
     parser.add_argument("--probe-samples", type=int, default=0, help="probe samples per task (0: the profile's)")
@@ -124,11 +139,11 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     print(f"data loaded in {load_s:.1f} s on {device}", flush=True)
     timings: dict[str, float] = {"load_seconds": round(load_s, 1)}
-    per_step: float | None = None
+    per_step: float | None = None  # seconds per step of a plain (no-replay) method, from the first method run
     later_steps = sum(settings.stage_steps[1:])  # what a method that reuses the shared first stage still trains
     for method in [] if args.report_only else methods:
         if per_step is not None and args.deadline:
-            estimate = 1.3 * per_step * later_steps
+            estimate = 1.3 * per_step * later_steps * _cost_factor(method)
             if time.perf_counter() - t0 + estimate > args.deadline:
                 print(f"skipping {method}: about {estimate:.0f} s would pass the {args.deadline:.0f} s deadline")
                 continue
@@ -136,7 +151,7 @@ def main() -> None:
         run_bench(settings=settings, methods=[method], data=data, out_dir=args.out, device=device, figures=False)
         timings[method] = round(time.perf_counter() - t, 1)
         if per_step is None:
-            per_step = timings[method] / sum(settings.stage_steps)
+            per_step = timings[method] / sum(settings.stage_steps) / _cost_factor(method)
         print(f"{method} finished in {timings[method]:.1f} s", flush=True)
     results = run_bench(
         settings=settings, methods=methods, data=data, out_dir=args.out, device=device, report_only=True

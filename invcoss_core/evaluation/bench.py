@@ -841,7 +841,9 @@ def run_bench(
         seed_ids[method].append(seed)
         logger.info("%s seed %d done (%.0f s elapsed)", method, seed, time.perf_counter() - started)
         write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, False, seed_ids)
-    return write_outputs(out, settings, data, records, baselines, time.perf_counter() - started, figures, seed_ids)
+    return write_outputs(
+        out, settings, data, records, baselines, time.perf_counter() - started, figures, seed_ids, device
+    )
 
 
 def write_outputs(
@@ -853,8 +855,10 @@ def write_outputs(
     wall_seconds: float,
     figures: bool = True,
     seed_ids: Mapping[str, Sequence[int]] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Aggregate what has finished and (re)write results.json, report.md and, optionally, the figures."""
+    """Aggregate what has finished and (re)write results.json, report.md and, optionally, the figures (with the
+    replay diagnostics, whose models run on `device`)."""
     from invcoss_core.evaluation.report import render_report
 
     results: dict[str, Any] = _jsonable(aggregate(settings, data, records, baselines, root=out, seed_ids=seed_ids))
@@ -863,7 +867,7 @@ def write_outputs(
     if figures:
         from invcoss_core.evaluation.plots import write_figures
 
-        results["diagnostics"] = _jsonable(method_diagnostics(out, settings, data, records))
+        results["diagnostics"] = _jsonable(method_diagnostics(out, settings, data, records, device))
         results["figures"] = write_figures(results, data, out)
     _write_json(out / RESULTS_FILE, results)
     (out / REPORT_FILE).write_text(render_report(results))
@@ -871,9 +875,17 @@ def write_outputs(
 
 
 def method_diagnostics(
-    out: Path, settings: BenchSettings, data: BenchData, records: Mapping[str, Sequence[Sequence[StageRecord]]]
+    out: Path,
+    settings: BenchSettings,
+    data: BenchData,
+    records: Mapping[str, Sequence[Sequence[StageRecord]]],
+    device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Replay coverage and feature drift of every sequential method (seed 0) for each earlier modality.
+
+    The models run on `device`: a `base` model's diagnostics are several ViT-B passes over 512 images per earlier
+    modality and method — minutes on a CPU (on the H100 machine, run there on its CPU, the report step of a
+    two-method run did not end within 77 s).
 
     Returns:
         method -> modality -> `ReplayDiagnostics` numbers (see `invcoss_core.evaluation.diagnostics`).
@@ -886,11 +898,11 @@ def method_diagnostics(
             continue
         stages = runs[0]
         final = read_artifact_dir(out / stages[-1].artifact)
-        student = load_student(final)
+        student = load_student(final, device)
         pools = dict(final.synthetic) or dict(final.extras.get(REAL_BUFFER.removesuffix(".safetensors"), {}))
         result[name] = {}
         for index, modality in enumerate(settings.order[:-1]):
-            reference = load_student(read_artifact_dir(out / stages[index].artifact))
+            reference = load_student(read_artifact_dir(out / stages[index].artifact), device)
             images = data.modalities[modality]
             diag = replay_diagnostics(student, reference, pools.get(modality), images.val, images.train, modality)
             result[name][modality] = diag.to_json()

@@ -51,21 +51,27 @@ def feature_drift(
     """Mean squared difference of the masked encoder outputs of two models (the distillation loss), fixed masks.
 
     Args:
-        images: (N, C, *img_size) images of `modality`.
+        images: (N, C, *img_size) images of `modality` (moved in batches to the models' device).
     Returns:
         the MSE averaged over images, tokens and channels.
     """
+    device = _device_of(student)
     noise = fixed_noise(student, modality, images.shape[0], seed=0, salt="drift")
     student.eval()
     reference.eval()
     total, count = 0.0, 0
     for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size]
-        a = student.forward_encoder(x, modality, noise=noise[i : i + batch_size]).latent.float()
-        b = reference.forward_encoder(x, modality, noise=noise[i : i + batch_size]).latent.float()
+        x = images[i : i + batch_size].to(device)
+        n = noise[i : i + batch_size].to(device)
+        a = student.forward_encoder(x, modality, noise=n).latent.float()
+        b = reference.forward_encoder(x, modality, noise=n).latent.float()
         total += float(F.mse_loss(a, b, reduction="sum"))
         count += a.numel()
     return total / max(count, 1)
+
+
+def _device_of(model: MultiModalMAE) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _nearest_cosine(queries: torch.Tensor, keys: torch.Tensor) -> float:
@@ -104,18 +110,20 @@ def replay_diagnostics(
         pool: (P, C, *img_size) the method's replay images of `modality` (float16 or float32, in [0, 1]); None for
             a method without a pool (then only `drift_real` and the real-image numbers are filled, the rest NaN).
         real_val: held-out real images; real_train: the stage's real training images.
+        The models run on their own device (a GPU bench's diagnostics stay on the GPU); the images may be on the CPU.
     """
     nan = float("nan")
     val = real_val[stride_indices(real_val.shape[0], max_images)]
     train = real_train[stride_indices(real_train.shape[0], max_images)]
-    f_val = encoder_features(reference, val, modality, 256)
-    f_train = encoder_features(reference, train, modality, 256)
+    device = _device_of(reference)
+    f_val = encoder_features(reference, val, modality, 256, device)
+    f_train = encoder_features(reference, train, modality, 256, device)
     real_mean, real_sd = _pixel_stats(val)
     drift_pool = coverage = self_similarity = pool_mean = pool_sd = nan
     size = 0
     if pool is not None and pool.shape[0] > 0:
         pool = pool.float()[stride_indices(pool.shape[0], max_images)]
-        f_pool = encoder_features(reference, pool, modality, 256)
+        f_pool = encoder_features(reference, pool, modality, 256, device)
         size = int(pool.shape[0])
         drift_pool = feature_drift(student, reference, pool, modality)
         coverage = _nearest_cosine(f_val, f_pool)

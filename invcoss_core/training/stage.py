@@ -107,14 +107,23 @@ def stage_fingerprint(config: StageConfig, modality: str, incoming: Artifact | N
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _check_finite(loss: torch.Tensor, what: str, epoch: int, step: int) -> float:
-    value = float(loss.detach())
+def _check_finite(value: float, what: str, epoch: int, steps: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise NonFiniteLossError(
-            f"{what} became {value} at epoch {epoch}, step {step}; the stage stopped without handing anything on. "
+            f"{what} became {value} at epoch {epoch}, {steps}; the stage stopped without handing anything on. "
             "Lower train.lr, keep train.grad_clip on, or check the input data with `invcoss data check`."
         )
     return value
+
+
+def default_check_every(device: torch.device) -> int:
+    """Steps between reading the losses back: every step on the CPU (free), every 25 on an accelerator.
+
+    Reading a loss on a GPU waits until the queued steps have run, so the host cannot queue the next step's kernels
+    meanwhile; at the small inputs of the `small` geometry the base model's steps are bound by that host time.
+    A non-finite loss is then found at most 24 steps late — still before any checkpoint or hand-off is written.
+    """
+    return 1 if device.type == "cpu" else 25
 
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -134,8 +143,12 @@ def train_stage(
     fingerprint: str,
     stage_index: int,
     events: EventSink = discard,
+    check_every: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], int, float, int]:
     """Optimise `student` for the configured epochs, resuming from a matching checkpoint.
+
+    The losses are summed on the device and read back (checked for NaN/inf, reported to `events`) every
+    `check_every` steps and at each epoch's end; None: `default_check_every(device)`.
 
     Returns:
         recorded feature statistics, per-epoch history, epoch resumed from, training seconds, images seen.
@@ -162,6 +175,7 @@ def train_stage(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tc.lr,
         betas=tc.betas,
+        fused=device.type == "cuda",  # one kernel per parameter group instead of several per parameter
     )
     history: dict[str, list[float]] = {"loss": [], "replay": []}
     start_epoch = 0
@@ -174,6 +188,7 @@ def train_stage(
             start_epoch = ckpt.epoch
             logger.info("resuming %s stage from its checkpoint after epoch %d", modality, start_epoch)
     recorder = FeatureStatsRecorder(student, modality)
+    every = check_every or default_check_every(device)
     seen = 0
     started = time.perf_counter()
     for epoch in range(start_epoch, tc.epochs):
@@ -196,6 +211,10 @@ def train_stage(
         last_epoch = epoch == tc.epochs - 1
         loss_sum = replay_sum = 0.0
         replay_steps = 0
+        # Sums since the last read-back, on the device: [MAE loss, replay loss, total loss].
+        window = torch.zeros(3, device=device, dtype=torch.float64)
+        window_first = 0
+        replay_what = "the replay loss"
         epoch_start = time.perf_counter()
         for step_in_epoch, batch in enumerate(loader):
             step = epoch * steps_per_epoch + step_in_epoch
@@ -205,6 +224,7 @@ def train_stage(
             x = batch.to(device, non_blocking=True)
             noise = student.masking_noise(x.shape[0], modality, generator, device)
             record = last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
+            replay_loss: torch.Tensor | None = None
             with _autocast(device, tc.amp):
                 if record:
                     with recorder.recording():
@@ -217,38 +237,52 @@ def train_stage(
                     rnoise = student.masking_noise(rbatch.images.shape[0], rbatch.modality, generator, device)
                     replay_loss = student(rbatch.images, rbatch.modality, noise=rnoise).loss
                     total = total + replay_loss
-                    replay_sum += _check_finite(replay_loss, "the replay MAE loss", epoch + 1, step_in_epoch)
-                    replay_steps += 1
+                    replay_what = "the replay MAE loss"
                 elif rbatch is not None and teacher is not None:
                     images = intra_modal_mixup(rbatch.images, generator) if tc.mixup else rbatch.images
                     rnoise = student.masking_noise(images.shape[0], rbatch.modality, generator, device)
-                    distill = feature_distillation(student, teacher, images, rbatch.modality, rnoise)
-                    total = total + tc.distill_weight * distill
+                    replay_loss = feature_distillation(student, teacher, images, rbatch.modality, rnoise)
+                    total = total + tc.distill_weight * replay_loss
                     if tc.replay_mae_weight > 0:
                         total = total + tc.replay_mae_weight * student(images, rbatch.modality, noise=rnoise).loss
-                    replay_sum += _check_finite(distill, "the replay distillation loss", epoch + 1, step_in_epoch)
-                    replay_steps += 1
+                    replay_what = "the replay distillation loss"
                 penalty = replay.penalty(student)
                 if penalty is not None:
                     total = total + penalty
-            loss_sum += _check_finite(loss, "the MAE loss", epoch + 1, step_in_epoch)
-            _check_finite(total, "the total loss", epoch + 1, step_in_epoch)
+            window[0] += loss.detach().double()
+            window[2] += total.detach().double()
+            if replay_loss is not None:
+                window[1] += replay_loss.detach().double()
+                replay_steps += 1
+            if (step_in_epoch + 1) % every == 0 or step_in_epoch + 1 == steps_per_epoch:
+                # One read-back for the window, before this step's update (at check_every=1: every step's).
+                steps = (
+                    f"step {step_in_epoch}"
+                    if window_first == step_in_epoch
+                    else f"one of steps {window_first}-{step_in_epoch}"
+                )
+                mae_w, replay_w, total_w = window.tolist()
+                loss_sum += _check_finite(mae_w, "the MAE loss", epoch + 1, steps)
+                replay_sum += _check_finite(replay_w, replay_what, epoch + 1, steps)
+                _check_finite(total_w, "the total loss", epoch + 1, steps)
+                window.zero_()
+                window_first = step_in_epoch + 1
+                events(
+                    ProgressEvent(
+                        "train",
+                        modality,
+                        step + 1,
+                        total_steps,
+                        epoch + 1,
+                        {"loss": loss_sum / (step_in_epoch + 1), "lr": lr},
+                    )
+                )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()
             seen += x.shape[0]
-            events(
-                ProgressEvent(
-                    "train",
-                    modality,
-                    step + 1,
-                    total_steps,
-                    epoch + 1,
-                    {"loss": loss_sum / (step_in_epoch + 1), "lr": lr},
-                )
-            )
         history["loss"].append(loss_sum / steps_per_epoch)
         if replay_steps:
             history["replay"].append(replay_sum / replay_steps)
@@ -311,6 +345,7 @@ def run_stage(
     signer: Callable[[bytes], bytes] | None = None,
     events: EventSink = discard,
     replay: ReplayStrategy | None = None,
+    check_every: int | None = None,
 ) -> StageResult:
     """Train one continual stage and produce its hand-off artifact.
 
@@ -322,6 +357,8 @@ def run_stage(
         work_dir: site-local folder for epoch checkpoints; a rerun with the same inputs resumes from it.
         signer: signs manifest.json (the site's key).
         events: progress sink (CLI progress bar, site metrics).
+        check_every: steps between loss read-backs (NaN check, progress); None: every step on the CPU, every 25
+            on an accelerator (`default_check_every`).
     Returns:
         StageResult with the artifact's files and training figures.
     Raises:
@@ -359,6 +396,7 @@ def run_stage(
         fingerprint=fingerprint,
         stage_index=stage_index,
         events=events,
+        check_every=check_every,
     )
     student.eval()
     outcome = strategy.end_stage(ctx, train_data, stats)
@@ -421,6 +459,7 @@ __all__ = [
     "NonFiniteLossError",
     "StageError",
     "StageResult",
+    "default_check_every",
     "derive_seed",
     "load_student",
     "prepare_models",

@@ -77,6 +77,33 @@ def test_nan_input_stops_with_clear_error(ct_data: TensorImages) -> None:
         run_stage(config=make_config(train={"epochs": 1}), modality="ct", train_data=bad)
 
 
+def test_losses_read_back_in_windows_train_the_same_and_still_stop_on_nan(ct_data: TensorImages) -> None:
+    # What a GPU stage does (default_check_every): the losses stay on the device and are read every few steps.
+    cfg = make_config(train={"epochs": 2, "batch_size": 8})
+    every_step: list[ProgressEvent] = []
+    windowed: list[ProgressEvent] = []
+    reference = run_stage(config=cfg, modality="ct", train_data=ct_data, events=every_step.append)
+    result = run_stage(config=cfg, modality="ct", train_data=ct_data, events=windowed.append, check_every=3)
+    for key, value in reference.artifact.weights.items():
+        assert torch.equal(result.artifact.weights[key], value), key
+    assert result.epoch_losses == pytest.approx(reference.epoch_losses, rel=1e-12)
+    per_step = [e.step for e in every_step if "loss" in e.metrics]
+    per_window = [e.step for e in windowed if "loss" in e.metrics]
+    steps_per_epoch = len(per_step) // 2
+    assert per_step == list(range(1, 2 * steps_per_epoch + 1))
+    expected = [
+        epoch * steps_per_epoch + s
+        for epoch in range(2)
+        for s in range(1, steps_per_epoch + 1)
+        if s % 3 == 0 or s == steps_per_epoch
+    ]
+    assert per_window == expected
+    bad = TensorImages(ct_data.images.clone())
+    bad.images[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"MAE loss became nan at epoch 1, one of steps 0-2"):
+        run_stage(config=make_config(train={"epochs": 1}), modality="ct", train_data=bad, check_every=3)
+
+
 def test_diverging_learning_rate_stops_instead_of_handing_on(ct_data: TensorImages) -> None:
     cfg = make_config(train={"epochs": 3, "lr": 1e6, "min_lr": 1e6, "grad_clip": None, "warmup_fraction": 0.0})
     with pytest.raises(NonFiniteLossError):
