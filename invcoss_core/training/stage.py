@@ -122,6 +122,7 @@ def default_check_every(device: torch.device) -> int:
     Reading a loss on a GPU waits until the queued steps have run, so the host cannot queue the next step's kernels
     meanwhile; at the small inputs of the `small` geometry the base model's steps are bound by that host time.
     A non-finite loss is then found at most 24 steps late — still before any checkpoint or hand-off is written.
+    What this gains per step on a GPU is not measured yet (benchmarks/bench_gpu_step.py measures it).
     """
     return 1 if device.type == "cpu" else 25
 
