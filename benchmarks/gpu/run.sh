@@ -21,7 +21,7 @@ if [ "${SMOKE:-1}" = 1 ]; then
   [ $RC -ne 0 ] && { tail -40 "$OUT/smoke.log"; exit 4; }
 fi
 if [ "${STEP:-1}" = 1 ]; then
-  timeout 75 python3 benchmarks/bench_gpu_step.py --batch-sizes "${STEP_BATCHES:-64,256,512}" --steps 12 \
+  timeout 75 python3 benchmarks/bench_gpu_step.py --batch-sizes "${STEP_BATCHES:-64,512}" --steps 80 \
     --json "$OUT/step.json" > "$OUT/step.log" 2>&1
   echo "step bench rc $?" | tee -a "$OUT/env.txt"; cat "$OUT/step.log"
 fi
