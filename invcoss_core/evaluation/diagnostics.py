@@ -55,7 +55,7 @@ def feature_drift(
     Returns:
         the MSE averaged over images, tokens and channels.
     """
-    device = _device_of(student)
+    device = student.device
     noise = fixed_noise(student, modality, images.shape[0], seed=0, salt="drift")
     student.eval()
     reference.eval()
@@ -68,10 +68,6 @@ def feature_drift(
         total += float(F.mse_loss(a, b, reduction="sum"))
         count += a.numel()
     return total / max(count, 1)
-
-
-def _device_of(model: MultiModalMAE) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _nearest_cosine(queries: torch.Tensor, keys: torch.Tensor) -> float:
@@ -115,7 +111,7 @@ def replay_diagnostics(
     nan = float("nan")
     val = real_val[stride_indices(real_val.shape[0], max_images)]
     train = real_train[stride_indices(real_train.shape[0], max_images)]
-    device = _device_of(reference)
+    device = reference.device
     f_val = encoder_features(reference, val, modality, 256, device)
     f_train = encoder_features(reference, train, modality, 256, device)
     real_mean, real_sd = _pixel_stats(val)

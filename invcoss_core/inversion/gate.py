@@ -115,7 +115,7 @@ class RealReference:
         self.model = model
         self.modality = modality
         self.chunk_size = chunk_size
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else model.device
         features = [
             model.embed(chunk.to(self.device, torch.float32), modality) for chunk in self.chunks() if len(chunk)
         ]

@@ -157,7 +157,7 @@ class Synthesizer:
         self.config = config
         self.method: Method = method
         self.generator = generator
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else model.device
         self.events = events
         self.amp = amp and self.device.type == "cuda"
         mean, var = modality_stats(stats, modality, len(model.encoder.blocks))

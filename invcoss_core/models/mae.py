@@ -179,6 +179,11 @@ class MultiModalMAE(nn.Module):
         self.decoder.reset_parameters()
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (one device: the model is moved whole)."""
+        return next(self.parameters()).device
+
+    @property
     def modalities(self) -> tuple[str, ...]:
         """Modalities this model has a tokenizer for."""
         return tuple(self.cfg.modalities)
