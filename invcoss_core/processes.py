@@ -1,22 +1,52 @@
-"""Child-process helpers for supervisors: console scripts of this venv, a child's environment, process trees.
+"""Child-process helpers for supervisors: console scripts of this venv, a child's environment, process trees,
+children that die with their supervisor, and one supervisor per state folder.
 
 The coordinator supervises its SuperLink and each site its SuperNode (Flower processes that start children of
 their own); both sides find and stop their processes with these functions. Linux `/proc` is read to find
 descendants and zombies; where it is absent, only the direct process is handled.
+
+A supervisor killed hard (SIGKILL, the OOM killer) cannot stop its children. Without help its SuperNode or
+SuperLink would live on as an orphan: still connected, still holding its ports and its stage, so that the restarted
+supervisor could not start a new one. `die_with_parent` asks the kernel to SIGTERM the child when its supervisor
+dies (Linux `PR_SET_PDEATHSIG`); Flower's own processes already stop when their Flower parent does.
+`InstanceLock` refuses a second supervisor on the same state folder. Work that runs further down (a site's
+stage, below SuperNode, SuperExec and ClientApp processes) finds its supervisor in `SUPERVISOR_ENV` and stops
+itself with `watch_supervisor` once that supervisor is gone, rather than train on for an hour with nobody to
+send the result to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, NoReturn
 
-__all__ = ["child_env", "descendants", "executable", "pid_alive", "terminate_tree"]
+__all__ = [
+    "SUPERVISOR_ENV",
+    "InstanceLock",
+    "InstanceRunningError",
+    "child_env",
+    "descendants",
+    "die_with_parent",
+    "executable",
+    "pid_alive",
+    "supervisor_env",
+    "terminate_tree",
+    "watch_supervisor",
+]
+
+SUPERVISOR_ENV = "INVCOSS_SUPERVISOR"  # "<pid>:<start time>" of the supervisor, inherited by its process tree
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def executable(name: str) -> str:
@@ -104,3 +134,143 @@ def terminate_tree(process: subprocess.Popen[bytes], timeout_s: float = 10.0) ->
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
+
+
+def die_with_parent(command: Sequence[str]) -> list[str]:
+    """`command`, wrapped so that the kernel sends it SIGTERM when this process dies (Linux; elsewhere unchanged).
+
+    The wrapper (this module run with `python -m`) sets `PR_SET_PDEATHSIG`, checks that this process is still its
+    parent, then execs `command`, which keeps the setting. The signal follows the *thread* that started the child:
+    start it from a thread that lives as long as the supervisor (the main thread).
+
+    Args:
+        command: the child's command line.
+    Returns:
+        the command line to give `subprocess.Popen`.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-m", "invcoss_core.processes", "--die-with", str(os.getpid()), "--", *command]
+
+
+def _exec_dying_with(parent: int, command: list[str]) -> NoReturn:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    if os.getppid() != parent:  # the supervisor died before the setting took hold
+        sys.stderr.write(f"supervisor {parent} is gone; not starting {command[0]}\n")
+        sys.exit(75)
+    os.execvp(command[0], command)
+
+
+class InstanceRunningError(RuntimeError):
+    """Another supervisor holds the instance lock of this state folder."""
+
+
+class InstanceLock:
+    """One supervisor per state folder: an exclusive `flock` on `path`, held until `release` or process death.
+
+    The kernel drops the lock when the holder dies, however it dies, so a stale lock file never blocks a restart.
+    The file holds the holder's pid, for the error message only. A held lock stays held even when its
+    `InstanceLock` object is dropped (the open file is kept here until `release`).
+    """
+
+    _held: set[IO[bytes]] = set()  # open lock files: closing one (e.g. by garbage collection) would drop its lock
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fh: IO[bytes] | None = None
+
+    def acquire(self, what: str) -> InstanceLock:
+        """Take the lock.
+
+        Args:
+            what: how the error names the holder, e.g. "an invcoss-client of site A".
+        Raises:
+            InstanceRunningError: when another process holds it (the message names its pid and the file).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+b")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().decode(errors="replace").strip() or "unknown"
+            fh.close()
+            raise InstanceRunningError(
+                f"{what} is already running on {self.path.parent} (pid {holder}, lock {self.path}); stop it first, "
+                "or give this one another state folder"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()).encode())
+        fh.flush()
+        self._fh = fh
+        InstanceLock._held.add(fh)
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; it is harmless unlocked)."""
+        if self._fh is not None:
+            InstanceLock._held.discard(self._fh)
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def _start_time(pid: int) -> str:
+    """The kernel's start time of `pid` (field 22 of /proc/<pid>/stat): with the pid, it names one process."""
+    try:
+        return _stat_fields(Path(f"/proc/{pid}/stat").read_text())[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def supervisor_env() -> dict[str, str]:
+    """`{SUPERVISOR_ENV: ...}` naming this process, for a supervised child's environment (see `watch_supervisor`)."""
+    pid = os.getpid()
+    return {SUPERVISOR_ENV: f"{pid}:{_start_time(pid)}"}
+
+
+def _supervisor_gone(value: str) -> bool:
+    pid_text, _, started = value.partition(":")
+    pid = int(pid_text)
+    return not pid_alive(pid) or (bool(started) and _start_time(pid) not in ("", started))
+
+
+@contextlib.contextmanager
+def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) -> Iterator[bool]:
+    """While the block runs, call `on_gone(pid)` (from a daemon thread, once) if the supervisor dies.
+
+    The supervisor is the one named in `SUPERVISOR_ENV`; a pid now held by another process (a different start
+    time) counts as gone. Without the variable (not started by a supervisor) nothing is watched.
+
+    Yields:
+        True when a supervisor is being watched.
+    """
+    value = os.environ.get(SUPERVISOR_ENV, "")
+    if not value.partition(":")[0].isdigit():
+        yield False
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(interval_s):
+            if _supervisor_gone(value):
+                on_gone(int(value.partition(":")[0]))
+                return
+
+    thread = threading.Thread(target=watch, name="supervisor-watch", daemon=True)
+    thread.start()
+    try:
+        yield True
+    finally:
+        done.set()
+
+
+if __name__ == "__main__":  # the die_with_parent wrapper: python -m invcoss_core.processes --die-with PID -- CMD...
+    args = sys.argv[1:]
+    if len(args) < 4 or args[0] != "--die-with" or args[2] != "--":
+        sys.exit("usage: python -m invcoss_core.processes --die-with PARENT_PID -- COMMAND [ARGS...]")
+    _exec_dying_with(int(args[1]), args[3:])

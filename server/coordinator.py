@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from invcoss_core.eventlog import EventTailer
-from invcoss_core.processes import pid_alive
+from invcoss_core.processes import InstanceLock, InstanceRunningError, pid_alive
 from server.config import FederationConfig
 from server.handoff import EnrollmentError
 from server.metrics import CoordinatorMetrics, serve_metrics
@@ -181,8 +181,20 @@ class Coordinator:
         """Run the federation until the plan is done or failed (then keep serving when `stay`).
 
         Raises:
-            CoordinatorError: when the SuperLink or the ServerApp cannot be kept running.
+            CoordinatorError: when another coordinator runs on this state folder, or the SuperLink or the
+                ServerApp cannot be kept running.
         """
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = InstanceLock(self.layout.root / "coordinator.lock").acquire("an invcoss-server")
+        except InstanceRunningError as err:
+            raise CoordinatorError(str(err)) from None
+        try:
+            return self._serve(new_run, stay)
+        finally:
+            lock.release()
+
+    def _serve(self, new_run: bool, stay: bool) -> RunState:
         state = self.prepare(new_run)
         atomic_write(self.layout.pid_file, str(os.getpid()).encode())
         tailer = EventTailer(self.layout.events, self._on_event, from_start=False).start()

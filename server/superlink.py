@@ -41,7 +41,7 @@ from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from invcoss_core.processes import child_env, executable, terminate_tree
+from invcoss_core.processes import child_env, die_with_parent, executable, terminate_tree
 from server.config import FederationConfig
 from server.pki import CertificatePaths
 from server.state import StateLayout, atomic_write
@@ -104,6 +104,8 @@ class SuperLinkProcess:
     def start(self) -> None:
         """Start the SuperLink and wait until its HTTPS health endpoint answers.
 
+        The SuperLink gets SIGTERM if this process dies; call from the main thread (see `die_with_parent`).
+
         Raises:
             SuperLinkError: when it exits or does not become healthy in time (the message names its log).
         """
@@ -111,7 +113,7 @@ class SuperLinkProcess:
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child, closed with it
         try:
             self.process = subprocess.Popen(
-                self.command(),
+                die_with_parent(self.command()),  # a hard-killed coordinator must not leave its SuperLink running
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=flower_env(self.layout),

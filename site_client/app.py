@@ -8,6 +8,7 @@ log before it is returned; refusals and failures are replied as such (with the r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 from invcoss_core.artifact import ArtifactError
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SiteDataError
+from invcoss_core.processes import watch_supervisor
 from invcoss_core.protocol import ProtocolError, StageReply
 from invcoss_core.signing import SigningKeyError, load_private_key
 from invcoss_core.training import StageError
@@ -39,6 +41,7 @@ CONFIG_KEY = "config"
 EVENTS_FILE = "events.jsonl"
 
 app = ClientApp()
+ABANDONED_EXIT_CODE = 75  # the stage process stopped itself: its site supervisor is gone (EX_TEMPFAIL)
 
 
 def _site_config(context: Context) -> SiteConfig:
@@ -90,6 +93,17 @@ def stage(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     stage_index = 0
     extra: dict[str, object] = {}
+
+    def abandon(supervisor: int) -> None:
+        logger.error(
+            "this site's invcoss-client (pid %d) is gone: stopping stage %d here; the restarted site resumes it from "
+            "its last epoch checkpoint when the coordinator retries",
+            supervisor,
+            stage_index,
+        )
+        events.emit("stage_abandoned", stage=stage_index, supervisor_pid=supervisor)
+        os._exit(ABANDONED_EXIT_CODE)  # like a crash: epoch checkpoints are whole files, the stage lock is freed
+
     try:
         request = parse_stage_request(msg)
         stage_index = request.stage_index
@@ -97,7 +111,8 @@ def stage(msg: Message, context: Context) -> Message:
         events.emit("stage_started", stage=stage_index, attempt=request.attempt, run_id=request.run_id)
         logger.info("stage %d of run %s (attempt %d) received", stage_index, request.run_id, request.attempt)
         private_key = load_private_key(cfg.private_key)
-        response = run_site_stage(cfg, request, private_key, events)
+        with watch_supervisor(abandon):
+            response = run_site_stage(cfg, request, private_key, events)
     except (RefusedError, ProtocolError) as err:
         logger.error("stage %d refused: %s", stage_index, err)
         response = StageReply(status="refused", error=str(err))

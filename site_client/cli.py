@@ -17,6 +17,7 @@ import typer
 from invcoss_core.cli_support import console, fail, setup_logging
 from invcoss_core.config import ConfigError, StageConfig, build_config
 from invcoss_core.eventlog import EventTailer
+from invcoss_core.processes import InstanceLock, InstanceRunningError
 from invcoss_core.signing import generate_private_key, load_private_key, private_key_openssh, public_key_openssh
 from site_client.app import EVENTS_FILE
 from site_client.audit import AUDIT_FILE, AuditLog, measure_leaks, real_data_digests
@@ -67,9 +68,13 @@ def run(
     if not cfg.superlink.root_certificates.is_file():
         raise fail(f"root certificate {cfg.superlink.root_certificates} not found; get ca.crt from the coordinator")
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    try:  # two supervisors of one site would fight over its SuperNode, ports and stage checkpoints
+        lock = InstanceLock(cfg.work_dir / "client.lock").acquire(f"an invcoss-client of site {site}")
+    except InstanceRunningError as err:
+        raise fail(str(err), code=3) from None
     say = lambda line: console.print(f"{time.strftime('%H:%M:%S')} [magenta]site {site}[/] {line}")  # noqa: E731
     metrics = SiteMetrics(cfg.site)
-    watch = StageWatch()
+    watch = StageWatch(since=time.time())
 
     def on_event(event: dict[str, object]) -> None:
         metrics.apply(event)
@@ -79,7 +84,6 @@ def run(
     if cfg.metrics.enabled:
         port = serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port)
         say(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
-    (cfg.work_dir / "client.pid").write_text(str(os.getpid()))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -97,7 +101,7 @@ def run(
     finally:
         node.stop()
         tailer.stop()
-        (cfg.work_dir / "client.pid").unlink(missing_ok=True)
+        lock.release()
     say("stopped")
 
 

@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from invcoss_core.processes import child_env, executable, pid_alive, terminate_tree
+from invcoss_core.processes import (
+    child_env,
+    die_with_parent,
+    executable,
+    pid_alive,
+    supervisor_env,
+    terminate_tree,
+)
 from site_client.config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -32,9 +39,14 @@ class SiteClientError(RuntimeError):
 
 
 def flower_env(cfg: SiteConfig) -> dict[str, str]:
-    """Environment for the SuperNode: FLWR_HOME in the work dir, telemetry and update checks off."""
+    """Environment for the SuperNode: FLWR_HOME in the work dir, telemetry and update checks off, this supervisor."""
     return child_env(
-        {"FLWR_HOME": str(cfg.work_dir / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        {
+            "FLWR_HOME": str(cfg.work_dir / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            **supervisor_env(),  # the stage process stops itself when this supervisor is gone
+        }
     )
 
 
@@ -71,12 +83,19 @@ class SuperNodeProcess:
         ]
 
     def start(self) -> None:
-        """Start the SuperNode (its output goes to work_dir/logs/supernode.log)."""
+        """Start the SuperNode (its output goes to work_dir/logs/supernode.log); it gets SIGTERM if this process dies.
+
+        Call from the main thread (see `die_with_parent`).
+        """
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=flower_env(self.cfg), cwd=self.cfg.work_dir
+                die_with_parent(self.command()),  # a hard-killed supervisor must not leave a SuperNode connected
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=flower_env(self.cfg),
+                cwd=self.cfg.work_dir,
             )
 
     def alive(self) -> bool:
@@ -117,9 +136,10 @@ class StageWatch:
     resumes from the last epoch checkpoint.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, since: float = 0.0) -> None:
         self._running: dict[int, int] = {}  # pid -> stage index
         self._lock = threading.Lock()
+        self.since = since  # stages started before (under an earlier supervisor) are not this one's to watch
 
     def apply(self, event: dict[str, object]) -> None:
         """Feed one site event."""
@@ -127,9 +147,9 @@ class StageWatch:
         if not isinstance(pid, int):
             return
         with self._lock:
-            if event.get("kind") == "stage_started":
+            if event.get("kind") == "stage_started" and float(str(event.get("time", 0.0))) >= self.since:
                 self._running[pid] = int(str(event.get("stage", 0)))
-            elif event.get("kind") == "stage_finished":
+            elif event.get("kind") in ("stage_finished", "stage_abandoned"):
                 self._running.pop(pid, None)
 
     def crashed(self) -> list[int]:

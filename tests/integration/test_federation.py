@@ -1,8 +1,9 @@
 """One real federation on 127.0.0.1 (SuperLink + three SuperNodes, TLS, node auth) shared by several assertions.
 
-The run is made to survive two crashes: the coordinator's whole process group is SIGKILLed right after stage 1
-and restarted, and site C's stage process is SIGKILLed in the middle of stage 3's training. While it runs, an
-unenrolled site tries to join. After it, a hostile ServerApp sends tampered artifacts to site C.
+The run is made to survive three crashes: the coordinator's whole process group is SIGKILLed right after stage 1
+and restarted; site B's `invcoss-client` alone (not its children) is SIGKILLed in the middle of stage 2's training
+and restarted by its operator; site C's stage process is SIGKILLed in the middle of stage 3's training. While it
+runs, an unenrolled site tries to join. After it, a hostile ServerApp sends tampered artifacts to site C.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from invcoss_core.artifact import (
     read_artifact_files,
     write_artifact_dir,
 )
+from invcoss_core.processes import descendants, pid_alive
 from invcoss_core.signing import (
     generate_private_key,
     load_private_key,
@@ -57,6 +59,9 @@ class RunRecord:
     flower_runs_before_restart: int = 0
     killed_stage_pid: int = 0
     killed_after_epoch: int = 0
+    site_b_tree: list[int] = field(default_factory=list)  # B's supervisor and its descendants when it was killed
+    site_b_survivors: list[str] = field(default_factory=list)  # of those, what still ran 20 s later
+    site_b_killed_after_epoch: int = 0
     unenrolled_rc: int | None = None
     unenrolled_log: str = ""
     metrics: dict[str, str] = field(default_factory=dict)
@@ -114,6 +119,33 @@ def _stage_pid(fed: LocalFederation, site: str, stage: int) -> tuple[int, int]:
         elif event.get("kind") == "progress" and event.get("pid") == pid and "epoch_loss" in event["metrics"]:
             epoch = int(event["epoch"])
     return pid, epoch
+
+
+def _kill_site_supervisor(fed: LocalFederation, site: str, record: RunRecord) -> None:
+    """SIGKILL only the site's `invcoss-client` mid-stage (as the OOM killer would), then restart it."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        pid, epoch = _stage_pid(fed, site, 2)
+        if pid and epoch >= 1:
+            supervisor = fed.processes[f"site-{site}"]
+            record.site_b_tree = [supervisor.pid, *descendants(supervisor.pid)]
+            record.site_b_killed_after_epoch = epoch
+            os.kill(supervisor.pid, signal.SIGKILL)
+            supervisor.wait()
+            gone_by = time.monotonic() + 20
+            while time.monotonic() < gone_by and any(pid_alive(p) for p in record.site_b_tree):
+                time.sleep(0.2)
+            record.site_b_survivors = [
+                Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                for p in record.site_b_tree
+                if pid_alive(p)
+            ]
+            for p in record.site_b_tree:  # whatever survived must not disturb the rest of the run
+                if pid_alive(p):
+                    os.kill(p, signal.SIGKILL)
+            fed.start_site(site)
+            return
+        time.sleep(0.2)
 
 
 def _evil_requests(fed: LocalFederation, state: dict[str, Any], work: Path) -> list[dict[str, Any]]:
@@ -246,8 +278,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, site_data_root: Path) -> Itera
     started = time.monotonic()
     sites = [
         LocalSite("A", "ct", site_data_root / "ct"),
-        LocalSite("B", "mri", site_data_root / "mri"),
-        # C trains longer so that its stage process can be killed between two epoch checkpoints.
+        # B and C train longer so that a site's supervisor or its stage process can be killed between two epoch
+        # checkpoints.
+        LocalSite("B", "mri", site_data_root / "mri", {"train": {"epochs": 4}, "data": {"samples_per_volume": 24}}),
         LocalSite(
             "C", "pathology", site_data_root / "pathology", {"train": {"epochs": 4}, "data": {"samples_per_volume": 24}}
         ),
@@ -275,6 +308,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, site_data_root: Path) -> Itera
             if intruder.poll() is None:
                 os.killpg(intruder.pid, signal.SIGKILL)
         fed.start_coordinator("--stay")
+        _kill_site_supervisor(fed, "B", record)
         fed.wait_until(lambda s: s["stages"][2]["status"] == "running", 300, "stage 3 to start")
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -356,6 +390,22 @@ def test_killed_stage_process_resumes_from_its_checkpoint(run: RunRecord) -> Non
     assert any(any(text in err for text in interrupted) for err in stage3["errors"]), stage3["errors"]
     resumed = [e for e in run.fed.site_events("C") if e.get("kind") == "stage_resumed" and e.get("stage") == 3]
     assert resumed and resumed[-1]["epoch"] >= run.killed_after_epoch
+
+
+def test_hard_killed_site_client_leaves_nothing_running_and_its_restart_resumes_the_stage(run: RunRecord) -> None:
+    assert run.site_b_killed_after_epoch, "stage 2 finished before site B's supervisor could be killed"
+    # SuperNode, SuperExec and the stage process all stop with their supervisor (before: an orphaned SuperNode stayed
+    # connected and kept the stage, and the restarted client could not start its own)
+    assert len(run.site_b_tree) >= 3, run.site_b_tree
+    assert run.site_b_survivors == []
+    stage2 = run.fed.state()["stages"][1]
+    assert stage2["status"] == "done" and stage2["attempts"] >= 2, stage2
+    events = run.fed.site_events("B")
+    resumed = [e for e in events if e.get("kind") == "stage_resumed" and e.get("stage") == 2]
+    assert resumed and resumed[-1]["epoch"] >= run.site_b_killed_after_epoch
+    log = " ".join((run.fed.logs / "site-B.log").read_text(errors="replace").split())
+    assert log.count("connected to the coordinator") >= 2  # the restarted client connected again
+    assert "exited unexpectedly" not in log  # and did not fight a leftover SuperNode for its port
 
 
 def test_unenrolled_node_is_refused(run: RunRecord) -> None:

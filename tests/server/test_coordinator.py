@@ -82,3 +82,18 @@ def test_app_folder_holds_only_a_pyproject_naming_the_installed_apps(tmp_path: P
     connection = flwr_config["superlink"]["invcoss"]
     assert connection["address"] == "127.0.0.1:9093" and connection["root-certificates"].endswith("ca.crt")
     assert enrolled.flwr_home != app and app not in enrolled.flwr_home.parents
+
+
+def test_a_second_coordinator_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
+    from invcoss_core.processes import InstanceLock
+    from server.coordinator import Coordinator
+
+    config = federation_config(tmp_path, stages=3)
+    said: list[str] = []
+    first = InstanceLock(config.state_dir / "coordinator.lock").acquire("an invcoss-server")
+    try:
+        with pytest.raises(CoordinatorError, match=r"an invcoss-server is already running on .*state"):
+            Coordinator(config, say=said.append).serve()
+        assert not (config.state_dir / "run.json").exists()  # nothing was prepared, no SuperLink started
+    finally:
+        first.release()

@@ -69,3 +69,29 @@ def test_site_events_reach_the_metrics(tmp_path: Path) -> None:
     events.emit("stage_finished", outcome="ok", seconds=12.0, reused=False)
     tailer.poll()
     assert "invcoss_site_stage_running 0.0" in generate_latest(metrics.registry).decode()
+
+
+def test_a_second_client_of_the_same_site_is_refused_and_the_first_keeps_its_lock(
+    tmp_path: Path, site_images: Path, site_key: object
+) -> None:
+    from typer.testing import CliRunner
+
+    from invcoss_core.processes import InstanceLock
+    from site_client.cli import app
+    from tests.site_client.conftest import write_site_toml
+
+    config = write_site_toml(
+        tmp_path,
+        site_images / "pathology",
+        superlink={"address": "127.0.0.1:9", "root_certificates": "ca.crt"},
+        metrics={"enabled": False},
+    )
+    (tmp_path / "ca.crt").write_text("not read before the lock\n")
+    first = InstanceLock(tmp_path / "work" / "client.lock").acquire("an invcoss-client of site A")
+    try:
+        done = CliRunner().invoke(app, ["--site", "A", "--config", str(config)])
+        assert done.exit_code == 3, done.output
+        assert "an invcoss-client of site A is already running" in " ".join(done.output.split())
+        assert not (tmp_path / "work" / "logs" / "supernode.log").exists()  # no second SuperNode was started
+    finally:
+        first.release()

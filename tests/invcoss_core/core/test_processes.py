@@ -1,0 +1,157 @@
+"""Supervised children: they die with a hard-killed supervisor, one supervisor per folder, the supervisor watch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from invcoss_core.processes import (
+    SUPERVISOR_ENV,
+    InstanceLock,
+    InstanceRunningError,
+    pid_alive,
+    supervisor_env,
+    watch_supervisor,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+# A supervisor that starts one child through die_with_parent and one plainly, prints both pids, and waits.
+SUPERVISOR = """
+import json, subprocess, sys, time
+from invcoss_core.processes import die_with_parent
+sleeper = json.loads(sys.argv[1])
+guarded = subprocess.Popen(die_with_parent(sleeper))
+plain = subprocess.Popen(sleeper)
+print(json.dumps([guarded.pid, plain.pid]), flush=True)
+time.sleep(60)
+"""
+
+
+def _wait(condition: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_child_started_with_die_with_parent_stops_when_its_supervisor_is_killed() -> None:
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, json.dumps(SLEEPER)], stdout=subprocess.PIPE, cwd=Path.cwd()
+    )
+    assert supervisor.stdout is not None
+    guarded, plain = json.loads(supervisor.stdout.readline())
+    try:
+        # the wrapper has exec'd the command (so the kernel setting is in place) once its command line is the sleeper's
+        assert _wait(lambda: "invcoss_core.processes" not in _cmdline(guarded) and _cmdline(guarded), 10)
+        supervisor.kill()  # SIGKILL: the supervisor cannot clean up
+        supervisor.wait()
+        assert _wait(lambda: not pid_alive(guarded), 5), "the guarded child outlived its supervisor"
+        assert pid_alive(plain), "control: a plainly started child is orphaned, not stopped"
+    finally:
+        for pid in (guarded, plain):
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_wrapper_refuses_to_start_a_child_of_a_supervisor_that_is_already_gone() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "invcoss_core.processes", "--die-with", "1", "--", *SLEEPER],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 75
+    assert b"supervisor 1 is gone" in done.stderr
+
+
+def test_instance_lock_refuses_a_second_holder_and_is_freed_when_the_holder_dies(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "client.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from invcoss_core.processes import InstanceLock; "
+            "InstanceLock(Path(sys.argv[1])).acquire('a test holder'); print('held', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(
+            InstanceRunningError, match=rf"an invcoss-client of site A is already running .*pid {holder.pid}"
+        ):
+            InstanceLock(path).acquire("an invcoss-client of site A")
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = InstanceLock(path).acquire("an invcoss-client of site A")  # the kernel dropped the dead holder's lock
+    assert path.read_text() == str(os.getpid())
+    lock.release()
+    InstanceLock(path).acquire("again").release()
+
+
+def test_watch_supervisor_calls_back_once_the_named_supervisor_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SUPERVISOR_ENV, raising=False)
+    with watch_supervisor(lambda pid: None) as watching:
+        assert not watching  # not started by a supervisor: nothing to watch
+
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json, time; from invcoss_core.processes import supervisor_env; "
+            "print(json.dumps(supervisor_env()), flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert supervisor.stdout is not None
+    env = json.loads(supervisor.stdout.readline())
+    assert env[SUPERVISOR_ENV].startswith(f"{supervisor.pid}:")
+    monkeypatch.setenv(SUPERVISOR_ENV, env[SUPERVISOR_ENV])
+    gone: list[int] = []
+    called = threading.Event()
+    try:
+        with watch_supervisor(lambda pid: (gone.append(pid), called.set()), interval_s=0.05) as watching:
+            assert watching
+            time.sleep(0.3)
+            assert not called.is_set()  # alive: no call
+            supervisor.kill()
+            assert called.wait(5)
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+    assert gone == [supervisor.pid]
+
+
+def test_watch_supervisor_takes_a_reused_pid_for_a_gone_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = supervisor_env()[SUPERVISOR_ENV]
+    monkeypatch.setenv(SUPERVISOR_ENV, mine)
+    called = threading.Event()
+    with watch_supervisor(lambda pid: called.set(), interval_s=0.05):
+        assert not called.wait(0.3)  # this very process: alive, same start time
+    pid, _, started = mine.partition(":")
+    monkeypatch.setenv(SUPERVISOR_ENV, f"{pid}:{int(started) + 1}")  # same pid, another process's start time
+    with watch_supervisor(lambda pid: called.set(), interval_s=0.05):
+        assert called.wait(5)
