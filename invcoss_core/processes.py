@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO, ClassVar, NoReturn
 
 __all__ = [
     "SUPERVISOR_ENV",
@@ -176,7 +176,7 @@ class InstanceLock:
     `InstanceLock` object is dropped (the open file is kept here until `release`).
     """
 
-    _held: set[IO[bytes]] = set()  # open lock files: closing one (e.g. by garbage collection) would drop its lock
+    _held: ClassVar[set[IO[bytes]]] = set()  # open lock files: closing one (garbage collection) drops its lock
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

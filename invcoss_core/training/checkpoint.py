@@ -90,7 +90,11 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
     path = Path(path)
     meta_file = path / CKPT_META
     if not meta_file.is_file():
-        return None
+        old = path.with_name(f".{path.name}.old")
+        if not (old / CKPT_META).is_file():
+            return None
+        # a crash between save_checkpoint's two renames: the previous checkpoint is whole under its old name
+        path, meta_file = old, old / CKPT_META
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as err:

@@ -434,6 +434,7 @@ def run_stage(
             Path(out_dir).with_name(f"{Path(out_dir).name}.preview-{name}.png").write_bytes(png)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir.with_name(f".{checkpoint_dir.name}.old"), ignore_errors=True)
     return StageResult(
         files=files,
         artifact=artifact,

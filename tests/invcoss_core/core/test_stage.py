@@ -50,6 +50,29 @@ def test_interrupted_stage_resumes_to_identical_weights(tmp_path: Path, ct_data:
     assert not (tmp_path / "checkpoint").exists()  # cleaned up once the artifact exists
 
 
+def test_a_crash_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(
+    tmp_path: Path, ct_data: TensorImages
+) -> None:
+    cfg = make_config(train={"epochs": 3, "batch_size": 8})
+    reference = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r")
+
+    def stop_after_second_epoch(event: ProgressEvent) -> None:
+        if event.epoch == 2 and "epoch_loss" in event.metrics:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        run_stage(
+            config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop_after_second_epoch
+        )
+    # save_checkpoint moves the previous checkpoint aside before it moves the new one in: die in between
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")
+    resumed = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path)
+    assert resumed.resumed_from_epoch == 2  # not 0: the moved-aside checkpoint was whole
+    for key, value in reference.artifact.weights.items():
+        assert torch.equal(resumed.artifact.weights[key], value), key
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / ".checkpoint.old").exists()
+
+
 def test_checkpoint_of_another_stage_is_ignored(tmp_path: Path, ct_data: TensorImages) -> None:
     cfg = make_config(train={"epochs": 2})
 
