@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from invcoss_core.config import StageConfig
 from invcoss_core.data import TensorImages
 from invcoss_core.events import ProgressEvent
 from invcoss_core.training import NonFiniteLossError, StageError, run_stage
@@ -28,18 +29,22 @@ def test_schedule_warms_up_then_decays_to_min() -> None:
     assert lr_at(200, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
 
 
+def _interrupt_after_epoch(cfg: StageConfig, data: TensorImages, work_dir: Path, epoch: int) -> None:
+    """Run stage "r" in `work_dir` and stop it right after `epoch` (its checkpoint written), as a crash would."""
+
+    def stop(event: ProgressEvent) -> None:
+        if event.epoch == epoch and "epoch_loss" in event.metrics:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        run_stage(config=cfg, modality="ct", train_data=data, run_id="r", work_dir=work_dir, events=stop)
+
+
 def test_interrupted_stage_resumes_to_identical_weights(tmp_path: Path, ct_data: TensorImages) -> None:
     cfg = make_config(train={"epochs": 3, "batch_size": 8})
     reference = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r")
 
-    def stop_after_first_epoch(event: ProgressEvent) -> None:
-        if event.epoch == 1 and "epoch_loss" in event.metrics:
-            raise InterruptError
-
-    with pytest.raises(InterruptError):
-        run_stage(
-            config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop_after_first_epoch
-        )
+    _interrupt_after_epoch(cfg, ct_data, tmp_path, 1)
     assert (tmp_path / "checkpoint" / "meta.json").exists()
     resumed = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path)
     assert resumed.resumed_from_epoch == 1
@@ -56,14 +61,7 @@ def test_a_crash_between_the_checkpoint_renames_resumes_from_the_previous_checkp
     cfg = make_config(train={"epochs": 3, "batch_size": 8})
     reference = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r")
 
-    def stop_after_second_epoch(event: ProgressEvent) -> None:
-        if event.epoch == 2 and "epoch_loss" in event.metrics:
-            raise InterruptError
-
-    with pytest.raises(InterruptError):
-        run_stage(
-            config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path, events=stop_after_second_epoch
-        )
+    _interrupt_after_epoch(cfg, ct_data, tmp_path, 2)
     # save_checkpoint moves the previous checkpoint aside before it moves the new one in: die in between
     (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")
     resumed = run_stage(config=cfg, modality="ct", train_data=ct_data, run_id="r", work_dir=tmp_path)
