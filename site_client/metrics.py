@@ -102,6 +102,9 @@ class SiteMetrics:
         elif kind == "gate":
             self.gate_checked.inc(float(event.get("checked", 0)))
             self.gate_blocked.inc(float(event.get("blocked", 0)))
+        elif kind == "stage_abandoned":  # its supervisor died: the stage stopped, unfinished
+            self.running.set(0)
+            self.stages.labels("abandoned").inc()
         elif kind == "stage_finished":
             self.running.set(0)
             self.stages.labels(str(event.get("outcome", "ok"))).inc()

@@ -40,6 +40,25 @@ def test_stage_watch_reports_a_stage_process_that_died_unfinished() -> None:
     assert finished.crashed() == []
 
 
+def test_stage_watch_leaves_stages_of_an_earlier_supervisor_and_abandoned_stages_alone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a dead stage process
+    watch = StageWatch(since=1000.0)
+    watch.apply({"kind": "stage_started", "pid": child.pid, "stage": 2, "time": 999.0})  # before this supervisor
+    assert watch.crashed() == []
+    watch.apply({"kind": "stage_started", "pid": child.pid, "stage": 2, "time": 1001.0})
+    watch.apply({"kind": "stage_abandoned", "pid": child.pid, "stage": 2, "time": 1002.0})
+    assert watch.crashed() == []  # it stopped itself (its supervisor was gone): nothing to restart for
+    watch.apply({"kind": "stage_started", "pid": child.pid, "stage": 3, "time": 1003.0})
+    assert watch.crashed() == [3]
+    metrics = SiteMetrics("A")
+    metrics.apply({"kind": "stage_started", "stage": 2})
+    metrics.apply({"kind": "stage_abandoned", "stage": 2})
+    text = generate_latest(metrics.registry).decode()
+    assert "invcoss_site_stage_running 0.0" in text
+    assert 'invcoss_site_stages_total{outcome="abandoned"} 1.0' in text
+
+
 def test_site_events_reach_the_metrics(tmp_path: Path) -> None:
     events = SiteEvents(tmp_path / "events.jsonl", min_interval_s=60)
     metrics = SiteMetrics("A")
