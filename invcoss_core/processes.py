@@ -233,9 +233,7 @@ def supervisor_env() -> dict[str, str]:
     return {SUPERVISOR_ENV: f"{pid}:{_start_time(pid)}"}
 
 
-def _supervisor_gone(value: str) -> bool:
-    pid_text, _, started = value.partition(":")
-    pid = int(pid_text)
+def _supervisor_gone(pid: int, started: str) -> bool:
     return not pid_alive(pid) or (bool(started) and _start_time(pid) not in ("", started))
 
 
@@ -249,16 +247,17 @@ def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) ->
     Yields:
         True when a supervisor is being watched.
     """
-    value = os.environ.get(SUPERVISOR_ENV, "")
-    if not value.partition(":")[0].isdigit():
+    pid_text, _, started = os.environ.get(SUPERVISOR_ENV, "").partition(":")
+    if not pid_text.isdigit():
         yield False
         return
+    pid = int(pid_text)
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(interval_s):
-            if _supervisor_gone(value):
-                on_gone(int(value.partition(":")[0]))
+            if _supervisor_gone(pid, started):
+                on_gone(pid)
                 return
 
     thread = threading.Thread(target=watch, name="supervisor-watch", daemon=True)

@@ -56,6 +56,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _moved_aside(path: Path) -> Path:
+    """Where `save_checkpoint` keeps the previous checkpoint while it moves the new one into place."""
+    return path.with_name(f".{path.name}.old")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete the checkpoint in `path` and any moved-aside one (the stage is finished)."""
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(_moved_aside(Path(path)), ignore_errors=True)
+
+
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     """Write `ckpt` to directory `path` atomically (the previous checkpoint stays until the new one is whole)."""
     path = Path(path)
@@ -71,7 +82,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         for name in (CKPT_TENSORS, CKPT_META):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = path.with_name(f".{path.name}.old")
+        old = _moved_aside(path)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             path.rename(old)
@@ -90,7 +101,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
     path = Path(path)
     meta_file = path / CKPT_META
     if not meta_file.is_file():
-        old = path.with_name(f".{path.name}.old")
+        old = _moved_aside(path)
         if not (old / CKPT_META).is_file():
             return None
         # a crash between save_checkpoint's two renames: the previous checkpoint is whole under its old name

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from invcoss_core.events import EventSink, ProgressEvent, discard
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
-from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
 from invcoss_core.training.schedule import lr_at
 
@@ -433,8 +432,7 @@ def run_stage(
         for name, png in outcome.previews.items():  # beside the artifact: its directory holds manifest files only
             Path(out_dir).with_name(f"{Path(out_dir).name}.preview-{name}.png").write_bytes(png)
     if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        shutil.rmtree(checkpoint_dir.with_name(f".{checkpoint_dir.name}.old"), ignore_errors=True)
+        remove_checkpoint(checkpoint_dir)
     return StageResult(
         files=files,
         artifact=artifact,
