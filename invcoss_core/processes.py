@@ -39,6 +39,7 @@ __all__ = [
     "die_with_parent",
     "executable",
     "pid_alive",
+    "start_supervisor_watch",
     "supervisor_env",
     "terminate_tree",
     "watch_supervisor",
@@ -237,20 +238,18 @@ def _supervisor_gone(pid: int, started: str) -> bool:
     return not pid_alive(pid) or (bool(started) and _start_time(pid) not in ("", started))
 
 
-@contextlib.contextmanager
-def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) -> Iterator[bool]:
-    """While the block runs, call `on_gone(pid)` (from a daemon thread, once) if the supervisor dies.
+def start_supervisor_watch(on_gone: Callable[[int], None], interval_s: float = 1.0) -> Callable[[], None] | None:
+    """Call `on_gone(pid)` (from a daemon thread, once) if the supervisor dies, until the returned stop is called.
 
     The supervisor is the one named in `SUPERVISOR_ENV`; a pid now held by another process (a different start
-    time) counts as gone. Without the variable (not started by a supervisor) nothing is watched.
+    time) counts as gone. A process that never stops the watch is watched for the rest of its life.
 
-    Yields:
-        True when a supervisor is being watched.
+    Returns:
+        the function that stops the watch; None when there is no supervisor to watch (no variable).
     """
     pid_text, _, started = os.environ.get(SUPERVISOR_ENV, "").partition(":")
     if not pid_text.isdigit():
-        yield False
-        return
+        return None
     pid = int(pid_text)
     done = threading.Event()
 
@@ -260,12 +259,23 @@ def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) ->
                 on_gone(pid)
                 return
 
-    thread = threading.Thread(target=watch, name="supervisor-watch", daemon=True)
-    thread.start()
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+    return done.set
+
+
+@contextlib.contextmanager
+def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) -> Iterator[bool]:
+    """`start_supervisor_watch` for the duration of a block.
+
+    Yields:
+        True when a supervisor is being watched.
+    """
+    stop = start_supervisor_watch(on_gone, interval_s)
     try:
-        yield True
+        yield stop is not None
     finally:
-        done.set()
+        if stop is not None:
+            stop()
 
 
 if __name__ == "__main__":  # the die_with_parent wrapper: python -m invcoss_core.processes --die-with PID -- CMD...

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from invcoss_core.artifact import ArtifactError
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SiteDataError
-from invcoss_core.processes import watch_supervisor
+from invcoss_core.processes import start_supervisor_watch
 from invcoss_core.protocol import ProtocolError, StageReply
 from invcoss_core.signing import SigningKeyError, load_private_key
 from invcoss_core.training import StageError
@@ -93,17 +93,28 @@ def stage(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     stage_index = 0
     extra: dict[str, object] = {}
+    finished = False
 
     def abandon(supervisor: int) -> None:
-        logger.error(
-            "this site's invcoss-client (pid %d) is gone: stopping stage %d here; the restarted site resumes it from "
-            "its last epoch checkpoint when the coordinator retries",
-            supervisor,
-            stage_index,
-        )
-        events.emit("stage_abandoned", stage=stage_index, supervisor_pid=supervisor)
+        if finished:  # the reply cannot reach the coordinator any more; the restarted site resends the same artifact
+            logger.error(
+                "this site's invcoss-client (pid %d) is gone: dropping stage %d's reply",
+                supervisor,
+                stage_index,
+            )
+        else:
+            logger.error(
+                "this site's invcoss-client (pid %d) is gone: stopping stage %d here; the restarted site resumes it "
+                "from its last epoch checkpoint when the coordinator retries",
+                supervisor,
+                stage_index,
+            )
+            events.emit("stage_abandoned", stage=stage_index, supervisor_pid=supervisor)
         os._exit(ABANDONED_EXIT_CODE)  # like a crash: epoch checkpoints are whole files, the stage lock is freed
 
+    # For the rest of this process's life, reply included: Flower's ClientApp process has no parent monitor and
+    # would keep retrying to push its reply to a SuperNode that is gone.
+    start_supervisor_watch(abandon)
     try:
         request = parse_stage_request(msg)
         stage_index = request.stage_index
@@ -111,8 +122,7 @@ def stage(msg: Message, context: Context) -> Message:
         events.emit("stage_started", stage=stage_index, attempt=request.attempt, run_id=request.run_id)
         logger.info("stage %d of run %s (attempt %d) received", stage_index, request.run_id, request.attempt)
         private_key = load_private_key(cfg.private_key)
-        with watch_supervisor(abandon):
-            response = run_site_stage(cfg, request, private_key, events)
+        response = run_site_stage(cfg, request, private_key, events)
     except (RefusedError, ProtocolError) as err:
         logger.error("stage %d refused: %s", stage_index, err)
         response = StageReply(status="refused", error=str(err))
@@ -125,6 +135,7 @@ def stage(msg: Message, context: Context) -> Message:
         logger.error("stage %d failed: %s", stage_index, err)
         response = StageReply(status="failed", error=f"{type(err).__name__}: {err}")
     seconds = time.perf_counter() - started
+    finished = True
     events.emit(
         "stage_finished",
         stage=stage_index,
