@@ -170,7 +170,7 @@ def real_data_digests(data_dir: Path, modality: str, configs: Iterable[StageConf
         configs: the stage configurations the site trained with (they decide sample size and placement).
     """
     from invcoss_core.data import SiteDataError, discover_images, load_site_dataset
-    from invcoss_core.data.dataset import load_prepared, resolve_modality_folder
+    from invcoss_core.data.dataset import load_prepared_parts, resolve_modality_folder
 
     result = RealDigests()
     for path in sorted(p for p in Path(data_dir).rglob("*") if p.is_file()):
@@ -185,10 +185,12 @@ def real_data_digests(data_dir: Path, modality: str, configs: Iterable[StageConf
             seen_specs.add(key)
             for source in discover_images(folder, group_dicom_series=spec.spatial_dims == 3).sources:
                 try:
-                    result.add_array(load_prepared(source, modality, spec).array)
-                    result.images += 1
+                    parts = load_prepared_parts(source, modality, spec)
                 except Exception:
                     continue
+                for prepared in parts:  # a whole slide's regions, or the one image
+                    result.add_array(prepared.array)
+                result.images += 1
         for split in ("train", "val", "all"):  # the split name seeds where samples are cut: hash each
             try:
                 dataset = load_site_dataset(data_dir, modality, spec, config.data, split=split, seed=config.seed)

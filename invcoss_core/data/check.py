@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from invcoss_core.config import DataConfig, ModalitySpec
-from invcoss_core.data.dataset import resolve_modality_folder
+from invcoss_core.data.dataset import read_image_parts, resolve_modality_folder
 from invcoss_core.data.discovery import discover_images
 from invcoss_core.data.errors import ImageReadError
 from invcoss_core.data.preprocess import prepare_image
-from invcoss_core.data.readers import read_image
 from invcoss_core.data.sampling import plan_split
 
 logger = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ def check_site_data(root: Path, modality: str, spec: ModalitySpec, data_cfg: Dat
     report.files.extend(FileCheck(name, False, reason) for name, reason in discovery.rejected)
     for source in discovery.sources:
         try:
-            raw = read_image(source.paths, source.source_format)
+            raw = read_image_parts(source, modality, spec, count=1)[0]  # a whole slide: its richest region
             prepared = prepare_image(raw, modality, spec)
         except ImageReadError as err:
             report.files.append(FileCheck(source.name, False, err.reason, source.subject, source.source_format))

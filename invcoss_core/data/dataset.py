@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 from invcoss_core.config import DataConfig, ModalitySpec
 from invcoss_core.data.discovery import Discovery, ImageSource, discover_images, source_for_file
 from invcoss_core.data.errors import ImageReadError, SiteDataError
-from invcoss_core.data.preprocess import PreparedImage, pad_value, prepare_image
-from invcoss_core.data.readers import read_image
+from invcoss_core.data.preprocess import PreparedImage, modality_kind, pad_value, prepare_image
+from invcoss_core.data.readers import FORMAT_TIFF, RawImage, parser_errors_as_rejects, read_image
 from invcoss_core.data.sampling import (
     Bounds,
     cap_indices,
@@ -37,6 +37,7 @@ from invcoss_core.data.sampling import (
     sample_patches,
     stable_seed,
 )
+from invcoss_core.data.slides import read_slide_regions, whole_slide_shape
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +130,39 @@ def resolve_modality_folder(root: Path, modality: str) -> Path:
     return root
 
 
-def load_prepared(source: ImageSource, modality: str, spec: ModalitySpec) -> PreparedImage:
-    """Read, validate and preprocess one image.
+def read_image_parts(
+    source: ImageSource, modality: str, spec: ModalitySpec, count: int | None = None
+) -> list[RawImage]:
+    """Read one image: whole, or — a pathology slide over the size limit — as regions of its full resolution.
+
+    A whole slide (`slides.whole_slide_shape`) is read as tissue regions of its full-resolution level, so that its
+    patches have the magnification of every other slide: with `count` None the training regions (drawn on tissue,
+    seeded by the file's name so that every split and run reads the same ones), else the `count` regions with most
+    tissue (`invcoss embed`, `invcoss data check`).
+
+    Returns:
+        One RawImage, or one per region of a whole slide.
 
     Raises:
         ImageReadError: with the reason the image cannot be used.
     """
-    raw = read_image(source.paths, source.source_format)
-    return prepare_image(raw, modality, spec)
+    if source.source_format == FORMAT_TIFF and len(source.paths) == 1 and modality_kind(modality, spec) == "pathology":
+        with parser_errors_as_rejects(FORMAT_TIFF):
+            if whole_slide_shape(source.paths[0]) is not None:
+                rng = np.random.default_rng(stable_seed(source.name, "slide regions")) if count is None else None
+                return read_slide_regions(source.paths[0], rng, count)
+    return [read_image(source.paths, source.source_format)]
+
+
+def load_prepared_parts(
+    source: ImageSource, modality: str, spec: ModalitySpec, count: int | None = None
+) -> list[PreparedImage]:
+    """Read (`read_image_parts`), validate and preprocess one image; one PreparedImage per part.
+
+    Raises:
+        ImageReadError: with the reason the image cannot be used.
+    """
+    return [prepare_image(raw, modality, spec) for raw in read_image_parts(source, modality, spec, count)]
 
 
 def _no_data_error(folder: Path, modality: str, discovery: Discovery, rejected: list[tuple[str, str]]) -> str:
@@ -196,25 +222,31 @@ def load_site_dataset(
     subjects: list[str] = []
     for source in chosen:
         try:
-            prepared = load_prepared(source, modality, spec)
+            parts = load_prepared_parts(source, modality, spec)
         except ImageReadError as err:
             report.rejected.append((source.name, err.reason))
             logger.debug("rejected %s: %s", source.name, err.reason)
             continue
-        image = fit_size(prepared.array, spec.img_size, pad_value(prepared.kind))
-        bounds: Bounds | None = None
-        if plan.mode == "region":
-            part = "val" if split == "val" else "train"
-            bounds = region_bounds(image.shape[1:], spec.img_size, data_cfg.val_fraction, part)
-            if region_overlaps(image.shape[1:], spec.img_size, data_cfg.val_fraction):
-                report.notes.append(f"{source.name}: too small to keep train and val regions apart")
-        rng = np.random.default_rng(stable_seed(seed, source.name, split))
-        patches = sample_patches(image, prepared.kind, spec.img_size, per_file, rng, bounds)
+        cut: list[np.ndarray] = []
+        for index, prepared in enumerate(parts):  # a whole slide's regions share the file's samples
+            wanted = per_file // len(parts) + (1 if index < per_file % len(parts) else 0)
+            if wanted == 0:
+                continue
+            image = fit_size(prepared.array, spec.img_size, pad_value(prepared.kind))
+            bounds: Bounds | None = None
+            if plan.mode == "region":
+                part = "val" if split == "val" else "train"
+                bounds = region_bounds(image.shape[1:], spec.img_size, data_cfg.val_fraction, part)
+                if region_overlaps(image.shape[1:], spec.img_size, data_cfg.val_fraction):
+                    report.notes.append(f"{source.name}: too small to keep train and val regions apart")
+            rng = np.random.default_rng(stable_seed(seed, source.name, split, *([index] if index else [])))
+            cut.append(sample_patches(image, prepared.kind, spec.img_size, wanted, rng, bounds))
+            report.notes.extend(f"{source.name}: {note}" for note in prepared.notes)
+        patches = np.concatenate(cut)
         chunks.append(patches)
         subjects.extend([source.subject] * len(patches))
         report.loaded.append(source.name)
         report.samples_per_file[source.name] = len(patches)
-        report.notes.extend(f"{source.name}: {note}" for note in prepared.notes)
     if data_cfg.strict and report.rejected:
         listed = "\n".join(f"  - {name}: {reason}" for name, reason in report.rejected[:20])
         raise SiteDataError(
@@ -251,7 +283,7 @@ def load_image_for_embedding(path: Path, modality: str, spec: ModalitySpec) -> t
     """The model's own preprocessing of one image file (or DICOM series folder) into one input.
 
     3-D: the sub-volume around the foreground's centre at the working spacing; pathology: the centre crop at
-    working scale; X-ray: the whole image (centred square) resized.
+    working scale (of a whole slide: of its region with most tissue); X-ray: the whole image (centred square) resized.
 
     Args:
         path: an image file, or a folder holding one DICOM series.
@@ -278,7 +310,7 @@ def load_image_for_embedding(path: Path, modality: str, spec: ModalitySpec) -> t
         except ImageReadError as err:
             raise ImageReadError(f"{path.name}: {err.reason}") from None
     try:
-        prepared = load_prepared(source, modality, spec)
+        prepared = load_prepared_parts(source, modality, spec, count=1)[0]
     except ImageReadError as err:
         raise ImageReadError(f"{path.name}: {err.reason}") from None
     image = fit_size(prepared.array, spec.img_size, pad_value(prepared.kind))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -508,7 +509,8 @@ def _rgb_or_grey(arr: np.ndarray, rgb: bool, dtype: str) -> RawImage:
 def read_tiff(path: Path) -> RawImage:
     """Read a TIFF or Aperio SVS with tifffile (series 0; the label and macro images of an SVS are never read).
 
-    A pyramid whose full level exceeds the size limit is read at its largest level within the limit (noted).
+    A pyramid whose full level exceeds the size limit is read at its largest level within the limit (noted); a
+    pathology site reads such a slide as full-resolution regions instead (`slides.read_slide_regions`).
 
     Raises:
         ImageReadError: for an unreadable or truncated file, an unsupported layout or an absurd size.
@@ -536,7 +538,7 @@ def read_tiff(path: Path) -> RawImage:
         if arr.nbytes != expected:
             raise ImageReadError(f"TIFF data is incomplete ({arr.nbytes} of {expected} bytes)")
         _require_complete_tiff_strips(tif, level, path)
-    raw = _tiff_layout(arr, axes)
+    raw = tiff_layout(arr, axes)
     if index > 0:
         raw = raw.with_note(f"pyramid level {index} read (full level over the size limit)")
     return raw
@@ -556,7 +558,12 @@ def _require_complete_tiff_strips(tif: Any, level: Any, path: Path) -> None:
                 )
 
 
-def _tiff_layout(arr: np.ndarray, axes: str) -> RawImage:
+def tiff_layout(arr: np.ndarray, axes: str) -> RawImage:
+    """A RawImage from a TIFF array and its tifffile axes (YX grey, YXS/SYX/CYX/YXC colour, ZYX volume).
+
+    Raises:
+        ImageReadError: for another layout, or values that are not finite or all equal.
+    """
     keep = [i for i, s in enumerate(arr.shape) if s != 1]
     arr = arr.reshape([arr.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
@@ -583,6 +590,27 @@ _READERS = {
 }
 
 
+@contextmanager
+def parser_errors_as_rejects(source_format: str) -> Iterator[None]:
+    """Turn whatever a parser raises on a malformed file into one ImageReadError naming `source_format`."""
+    try:
+        with warnings.catch_warnings():
+            # Parsers warn about every oddity of a malformed header; the reject reason is what matters.
+            warnings.simplefilter("ignore")
+            yield
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError("not enough memory to load this image") from None
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except (EOFError, OSError) as err:
+        raise ImageReadError(f"cannot read {source_format} file (truncated or corrupt?): {err}") from None
+    except Exception as err:  # malformed files make parsers raise arbitrary types; each is one reject
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise ImageReadError(f"cannot read as {source_format}: {type(err).__name__}: {message}"[:300]) from None
+
+
 def read_image(paths: Sequence[Path], source_format: str) -> RawImage:
     """Read one image with the reader for `source_format`, turning every parser failure into a reject.
 
@@ -596,26 +624,12 @@ def read_image(paths: Sequence[Path], source_format: str) -> RawImage:
     Raises:
         ImageReadError: with a reason naming what is wrong.
     """
-    try:
-        with warnings.catch_warnings():
-            # Parsers warn about every oddity of a malformed header; the reject reason is what matters.
-            warnings.simplefilter("ignore")
-            if source_format == FORMAT_DICOM_SERIES:
-                return read_dicom_series(paths)
-            if len(paths) != 1:
-                raise ImageReadError(f"{source_format} images are single files, got {len(paths)}")
-            reader = _READERS.get(source_format)
-            if reader is None:
-                raise ImageReadError(f"no reader for format {source_format!r}")
-            return reader(paths[0])
-    except ImageReadError:
-        raise
-    except MemoryError:
-        raise ImageReadError("not enough memory to load this image") from None
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
-    except (EOFError, OSError) as err:
-        raise ImageReadError(f"cannot read {source_format} file (truncated or corrupt?): {err}") from None
-    except Exception as err:  # malformed files make parsers raise arbitrary types; each is one reject
-        message = str(err).splitlines()[0] if str(err) else ""
-        raise ImageReadError(f"cannot read as {source_format}: {type(err).__name__}: {message}"[:300]) from None
+    with parser_errors_as_rejects(source_format):
+        if source_format == FORMAT_DICOM_SERIES:
+            return read_dicom_series(paths)
+        if len(paths) != 1:
+            raise ImageReadError(f"{source_format} images are single files, got {len(paths)}")
+        reader = _READERS.get(source_format)
+        if reader is None:
+            raise ImageReadError(f"no reader for format {source_format!r}")
+        return reader(paths[0])
