@@ -183,21 +183,21 @@ _TINY = BenchSettings(
 
 _SMALL = BenchSettings(
     profile="small",
-    # The last stage is twice the MRI stage: at 1500 pathology steps `finetune`'s MRI reconstruction loss rose
+    # The last stage is 3000 steps: at 1500 pathology steps `finetune`'s MRI reconstruction loss rose
     # +0.177 with a seed spread of 0.100 (per seed +0.126 / +0.292 / +0.113), under the 2x-spread criterion.
     # The first stage is trained to convergence: at 2000 steps the held-out CT loss was still falling (0.771; 0.658
     # at 6000, flat over the last 1000) and the CT probes' margin over a random encoder was half of what it became
     # (benchmarks/bench_stage_convergence.py) — too little learned for the probes to see it forgotten. The runs in
     # docs/results/small-ras used (2000, 1500, 3000) in 5 epochs (`--stage-steps 2000,1500,3000 --epochs-per-stage 5`).
-    # The MRI stage is not converged at 1500 either: at 4500 its held-out loss is 0.879 instead of 0.956 and the MRI
-    # probes gain +6.8 / +10.9 points over a random encoder instead of +1.6 / -1.0 (docs/results/small-mri45, finetune
-    # and invcoss only); the profile keeps 1500 until the other methods (and joint_steps) are rerun with 4500.
-    stage_steps=(6000, 1500, 3000),
+    # The MRI stage is trained to convergence as well: at 1500 steps (the runs in docs/results/small-ct6k-fixed) its
+    # held-out loss was 0.956 and the MRI probes gained +1.6 / -1.0 points over a random encoder, so their later
+    # change was noise; at 4500 the loss is 0.879 and the gain +6.8 / +10.9 (docs/results/small-mri45).
+    stage_steps=(6000, 4500, 3000),
     epochs_per_stage=6,
-    # A joint step is one CT batch plus one batch of MRI or pathology in turn: 6000 steps give CT the batches that
-    # converged its own stage and the later modalities at least their sequential stages' (docs/results/small-ras used
-    # 2000: `--joint-steps 2000`).
-    joint_steps=6000,
+    # A joint step is one CT batch plus one batch of MRI or pathology in turn: 9000 steps give CT more batches than
+    # converged its own stage and the later modalities at least their sequential stages' (4500 MRI, 4500 pathology;
+    # docs/results/small-ct6k-fixed used 6000 with MRI 1500, docs/results/small-ras 2000: `--joint-steps N`).
+    joint_steps=9000,
     seeds=3,
     ablation_seeds=1,
     stage_config={
