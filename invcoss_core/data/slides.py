@@ -21,7 +21,7 @@ from invcoss_core.data.readers import MAX_ELEMENTS, MIN_AXIS_2D, RawImage, tiff_
 
 WHOLE_SLIDE_LIMIT = MAX_ELEMENTS  # values of the full level above which a slide is read in regions
 MAX_SLIDE_AXIS = 1 << 20  # pixels along either axis of a slide; a larger header is an absurd size
-REGION_SIDE = 2048  # stored pixels per side of one region (about 60 tiles of a 256² tiled slide)
+REGION_SIDE = 2048  # stored pixels per side of one region (64 tiles of a slide tiled in 256²)
 SLIDE_READ_BUDGET = 1 << 26  # stored values read per slide: five 2048² RGB regions (64 MB as uint8)
 THUMBNAIL_MAX_ELEMENTS = 1 << 24  # the largest pyramid level read whole to find tissue
 MIN_REGION_TISSUE = 0.25  # share of tissue a region needs to be chosen while any region has that much
