@@ -131,7 +131,7 @@ def bench(
     stage_steps: Annotated[
         str | None,
         typer.Option(
-            help="Optimiser steps of each stage, comma-separated in stage order, e.g. 6000,1500,3000 (default: "
+            help="Optimiser steps of each stage, comma-separated in stage order, e.g. 6000,4500,3000 (default: "
             "the profile's). A changed first stage is a different benchmark: use a new --out."
         ),
     ] = None,
@@ -195,7 +195,7 @@ def bench(
                 changes["stage_steps"] = tuple(int(v) for v in stage_steps.split(",") if v.strip())
             except ValueError:
                 raise typer.BadParameter(
-                    f"--stage-steps {stage_steps!r} must be whole numbers, e.g. 6000,1500,3000"
+                    f"--stage-steps {stage_steps!r} must be whole numbers, e.g. 6000,4500,3000"
                 ) from None
         if epochs_per_stage is not None:
             changes["epochs_per_stage"] = epochs_per_stage
