@@ -162,7 +162,10 @@ def _thumbnail_tissue(series: Any, full: tuple[int, int]) -> np.ndarray | None:
     levels = list(getattr(series, "levels", None) or [])
     if len(levels) < 2 or math.prod(levels[-1].shape) > THUMBNAIL_MAX_ELEMENTS:
         return None
-    thumb = np.asarray(levels[-1].asarray())
+    try:
+        thumb = np.asarray(levels[-1].asarray())
+    except Exception:  # a corrupt small level only costs the tissue map: cells are then read to find tissue
+        return None
     if thumb.ndim != 3 or thumb.shape[-1] < 3 or thumb.shape[0] > full[0] or thumb.shape[1] > full[1]:
         return None
     return tissue_mask(_unit_scale(thumb[..., :3]))

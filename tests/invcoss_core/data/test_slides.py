@@ -167,3 +167,23 @@ def test_a_truncated_or_corrupt_whole_slide_is_rejected_with_its_reason_and_the_
     assert data.report.loaded == ["good.svs"]
     assert [name for name, _ in data.report.rejected] == ["corrupt.svs"]
     assert "does not decode" in data.report.rejected[0][1]
+
+
+def test_a_slide_with_a_corrupt_smallest_level_finds_its_tissue_on_the_full_level(
+    tmp_path: Path, small_limit: None
+) -> None:
+    image = slide()
+    path = write_pyramid(tmp_path / "slide.svs", image)
+    with tifffile.TiffFile(str(path)) as tif:
+        thumb = tif.series[0].levels[-1].pages[0]
+        spans = list(zip(thumb.dataoffsets, thumb.databytecounts))
+    raw = bytearray(path.read_bytes())
+    for offset, count in spans:
+        raw[offset : offset + count] = bytes(count)
+    path.write_bytes(bytes(raw))
+    regions = read_slide_regions(path, np.random.default_rng(2), count=2, side=SIDE)
+    assert len(regions) == 2
+    for region in regions:
+        y, x = position(region.notes)
+        np.testing.assert_array_equal(region.array, image[y : y + SIDE, x : x + SIDE].astype(np.float32))
+        assert x >= 768 - SIDE // 2
