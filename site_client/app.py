@@ -113,7 +113,8 @@ def stage(msg: Message, context: Context) -> Message:
         os._exit(ABANDONED_EXIT_CODE)  # like a crash: epoch checkpoints are whole files, the stage lock is freed
 
     # For the rest of this process's life, reply included: Flower's ClientApp process has no parent monitor and
-    # would keep retrying to push its reply to a SuperNode that is gone.
+    # would keep retrying to push its reply to a SuperNode that is gone. Flower starts one process per message, so
+    # this is the process's only watch.
     start_supervisor_watch(abandon)
     try:
         request = parse_stage_request(msg)

@@ -183,7 +183,7 @@ def normalise(values: np.ndarray, kind: Kind, source_dtype: str) -> tuple[np.nda
     """
     notes: list[str] = []
     if kind == "pathology":
-        scale = _rgb_full_scale(values, source_dtype)
+        scale = rgb_full_scale(values, source_dtype)
         rgb = np.clip(values / scale, 0.0, 1.0)
         return np.ascontiguousarray(np.moveaxis(rgb, -1, 0), dtype=np.float32), notes
     if kind == "ct":
@@ -203,7 +203,12 @@ def normalise(values: np.ndarray, kind: Kind, source_dtype: str) -> tuple[np.nda
     return np.asarray(window(values[None].astype(np.float32, copy=False)), dtype=np.float32), notes
 
 
-def _rgb_full_scale(values: np.ndarray, source_dtype: str) -> float:
+def rgb_full_scale(values: np.ndarray, source_dtype: str) -> float:
+    """The stored value of full intensity: an integer dtype's maximum, else 1 or 255 by the values' range.
+
+    Raises:
+        ImageReadError: for floating-point values beyond 255.
+    """
     if source_dtype.startswith("uint") or source_dtype.startswith("int"):
         bits = int("".join(ch for ch in source_dtype if ch.isdigit()) or 8)
         return float(2 ** min(bits, 16) - 1)

@@ -109,11 +109,19 @@ def grid_starts(shape: Sequence[int], size: Sequence[int], bounds: Bounds | None
     return np.stack([m.ravel() for m in mesh], axis=1).astype(np.int64)
 
 
+def tissue_mask(rgb: np.ndarray, channel_axis: int = -1) -> np.ndarray:
+    """Per pixel of an RGB image in [0, 1]: stained tissue, not white glass or black fill.
+
+    Tissue has a mean below 0.85 and a channel spread above 0.04 (used for patches and whole-slide regions alike).
+    """
+    mean = rgb.mean(axis=channel_axis)
+    spread = rgb.max(axis=channel_axis) - rgb.min(axis=channel_axis)
+    return (mean < 0.85) & (spread > 0.04)
+
+
 def tissue_fraction(patch: np.ndarray) -> float:
     """Share of pixels of an RGB (3, H, W) patch in [0, 1] that are stained tissue, not white glass."""
-    mean = patch.mean(axis=0)
-    spread = patch.max(axis=0) - patch.min(axis=0)
-    return float(np.mean((mean < 0.85) & (spread > 0.04)))
+    return float(np.mean(tissue_mask(patch, channel_axis=0)))
 
 
 def resized_crop(image: np.ndarray, start: Sequence[int], side: int, size: Sequence[int]) -> np.ndarray:

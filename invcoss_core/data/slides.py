@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from invcoss_core.data.errors import ImageReadError
+from invcoss_core.data.preprocess import rgb_full_scale
 from invcoss_core.data.readers import MAX_ELEMENTS, MIN_AXIS_2D, RawImage, tiff_layout
+from invcoss_core.data.sampling import tissue_mask
 
 WHOLE_SLIDE_LIMIT = MAX_ELEMENTS  # values of the full level above which a slide is read in regions
 MAX_SLIDE_AXIS = 1 << 20  # pixels along either axis of a slide; a larger header is an absurd size
@@ -38,22 +40,10 @@ class SlideRegion:
     width: int
 
 
-def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Stained tissue, not white glass or black fill, per pixel of an (H, W, 3) image in [0, 1].
-
-    The rule of `sampling.tissue_fraction` (mean below 0.85, channel spread above 0.04), pixel by pixel.
-    """
-    mean = rgb.mean(axis=-1)
-    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
-    return (mean < 0.85) & (spread > 0.04)
-
-
-def _unit_scale(arr: np.ndarray) -> np.ndarray:
-    """Stored values mapped to [0, 1] (integers by their dtype's full scale)."""
-    if np.issubdtype(arr.dtype, np.integer):
-        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-    values = arr.astype(np.float32)
-    return values / 255.0 if float(values.max(initial=0.0)) > 1.0 else values
+def _unit_rgb(values: np.ndarray) -> np.ndarray:
+    """Stored RGB values (..., 3+) mapped to [0, 1] by their full scale (the preprocessing's rule)."""
+    rgb = values[..., :3]
+    return rgb.astype(np.float32) / rgb_full_scale(rgb, str(rgb.dtype))
 
 
 def _full_level(tif: Any) -> tuple[Any, Any]:
@@ -168,7 +158,7 @@ def _thumbnail_tissue(series: Any, full: tuple[int, int]) -> np.ndarray | None:
         return None
     if thumb.ndim != 3 or thumb.shape[-1] < 3 or thumb.shape[0] > full[0] or thumb.shape[1] > full[1]:
         return None
-    return tissue_mask(_unit_scale(thumb[..., :3]))
+    return tissue_mask(_unit_rgb(thumb))
 
 
 def _cell_tissue(mask: np.ndarray, cell: SlideRegion, full: tuple[int, int]) -> float:
@@ -240,7 +230,7 @@ def read_slide_regions(
                 raw = tiff_layout(region, "YXS")
             except ImageReadError:
                 continue  # a blank region (constant values)
-            share = float(tissue_mask(_unit_scale(region[..., :3])).mean())
+            share = float(tissue_mask(_unit_rgb(region)).mean())
             note = (
                 f"whole slide {full[1]}x{full[0]} px over the size limit: region at x={cell.x}, y={cell.y} "
                 f"({cell.width}x{cell.height} px, {share:.0%} tissue) read tile by tile at full resolution"
