@@ -6,13 +6,15 @@ Used by `invcoss`, `invcoss-server` and `invcoss-client`; library modules never 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
-__all__ = ["console", "fail", "setup_logging"]
+__all__ = ["console", "fail", "setup_logging", "timestamped"]
 
 console = Console(stderr=True)
 
@@ -35,6 +37,18 @@ def setup_logging(level: str, quiet: Iterable[str] = ()) -> None:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error for the operator and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}")
+    """Print a one-line error for the operator and return the Exit to raise (the message is printed verbatim)."""
+    console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
+
+
+def timestamped(label: str) -> Callable[[str], None]:
+    """A `say(line)` that prints `HH:MM:SS LABEL line`; LABEL may use rich markup, the line is printed verbatim.
+
+    Lines carry paths, peers' error messages and log excerpts: text such as `[/tmp/x]` must not be read as markup.
+    """
+
+    def say(line: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {label} {escape(line)}")
+
+    return say

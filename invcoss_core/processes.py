@@ -28,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, ClassVar, NoReturn
+from typing import IO, ClassVar, NoReturn, TypeVar
 
 __all__ = [
     "SUPERVISOR_ENV",
     "InstanceLock",
     "InstanceRunningError",
+    "PortUnavailableError",
+    "bind_or_explain",
     "child_env",
     "descendants",
     "die_with_parent",
@@ -48,6 +50,8 @@ __all__ = [
 SUPERVISOR_ENV = "INVCOSS_SUPERVISOR"  # "<pid>:<start time>" of the supervisor, inherited by its process tree
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+T = TypeVar("T")
 
 
 def executable(name: str) -> str:
@@ -163,6 +167,24 @@ def _exec_dying_with(parent: int, command: list[str]) -> NoReturn:
         sys.stderr.write(f"supervisor {parent} is gone; not starting {command[0]}\n")
         sys.exit(75)
     os.execvp(command[0], command)
+
+
+class PortUnavailableError(OSError):
+    """A listening port could not be bound; the message names the setting to change."""
+
+
+def bind_or_explain(start: Callable[[], T], host: str, port: int, setting: str, config_file: Path | str) -> T:
+    """Run `start()`, which binds HOST:PORT; its OSError (port in use, address not of this machine) is explained.
+
+    Raises:
+        PortUnavailableError: naming the address, the reason and `setting` (e.g. "[metrics] port") in `config_file`.
+    """
+    try:
+        return start()
+    except OSError as err:
+        raise PortUnavailableError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}): change {setting} in {config_file}"
+        ) from None
 
 
 class InstanceRunningError(RuntimeError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -14,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from invcoss_core.cli_support import console, fail, setup_logging
+from invcoss_core.cli_support import console, fail, setup_logging, timestamped
 from invcoss_core.config import ConfigError
 from server.config import FederationConfig, check_site_name, load_federation_config
 from server.coordinator import Coordinator, CoordinatorError
@@ -67,9 +66,7 @@ def serve(
         raise fail("--config federation.toml is required to run the coordinator")
     setup_logging(log_level, quiet=("httpx",))  # one line per Control API request is noise
     cfg = _load(config)
-    coordinator = Coordinator(
-        cfg, say=lambda line: console.print(f"{time.strftime('%H:%M:%S')} [cyan]coordinator[/] {line}")
-    )
+    coordinator = Coordinator(cfg, say=timestamped("[cyan]coordinator[/]"))
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         console.print(f"[yellow]received signal {signum}; stopping the SuperLink[/]")

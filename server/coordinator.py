@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from invcoss_core.eventlog import EventTailer
-from invcoss_core.processes import InstanceLock, InstanceRunningError, pid_alive
+from invcoss_core.processes import InstanceLock, InstanceRunningError, PortUnavailableError, pid_alive
 from server.config import FederationConfig
 from server.handoff import EnrollmentError
 from server.metrics import CoordinatorMetrics, serve_metrics
@@ -197,10 +197,14 @@ class Coordinator:
     def _serve(self, new_run: bool, stay: bool) -> RunState:
         state = self.prepare(new_run)
         atomic_write(self.layout.pid_file, str(os.getpid()).encode())
-        tailer = EventTailer(self.layout.events, self._on_event, from_start=False).start()
         if self.config.metrics.enabled:
-            self.metrics_port = serve_metrics(self.metrics.registry, self.config.metrics.host, self.config.metrics.port)
-            self.say(f"metrics on http://{self.config.metrics.host}:{self.metrics_port}/metrics")
+            host, port = self.config.metrics.host, self.config.metrics.port
+            try:
+                self.metrics_port = serve_metrics(self.metrics.registry, host, port, "federation.toml")
+            except PortUnavailableError as err:
+                raise CoordinatorError(str(err)) from None
+            self.say(f"metrics on http://{host}:{self.metrics_port}/metrics")
+        tailer = EventTailer(self.layout.events, self._on_event, from_start=False).start()
         self.metrics.stages_done.set(sum(s.status == "done" for s in state.stages))
         self.metrics.set_status(state.status)
         try:

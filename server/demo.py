@@ -22,9 +22,9 @@ import torch
 import typer
 
 from invcoss_core.artifact import ArtifactError, check_lineage, decode_artifact, read_artifact_files
-from invcoss_core.cli_support import console, fail
+from invcoss_core.cli_support import fail, timestamped
 from invcoss_core.signing import load_public_key
-from server.localfed import FederationTimeoutError, LocalFederation, LocalSite
+from server.localfed import FederationError, LocalFederation, LocalSite
 from server.state import StateLayout
 
 DEMO_SITES: tuple[tuple[str, str], ...] = (("A", "ct"), ("B", "mri"), ("C", "pathology"))
@@ -247,6 +247,7 @@ def run_demo(out: Path, profile: str, say: Callable[[str], None], timeout_s: flo
 
     Raises:
         FederationTimeoutError: when the run does not finish in `timeout_s`.
+        FederationError: when a site's client or the coordinator exits before the end, or an audit fails.
     """
     from invcoss_core.data import fetch_samples
 
@@ -271,6 +272,7 @@ def run_demo(out: Path, profile: str, say: Callable[[str], None], timeout_s: flo
         progress = _Progress(fed, say)
 
         def tick(state: dict[str, Any]) -> None:
+            fed.check_sites_running()  # a demo site that died cannot come back: say why now, not after every retry
             if not tls and fed.layout.flwr_home.exists():
                 probe = probe_tls(f"127.0.0.1:{fed.ports['superlink']}", fed.certs_dir / "ca.crt")
                 if probe["verified"]:
@@ -281,6 +283,9 @@ def run_demo(out: Path, profile: str, say: Callable[[str], None], timeout_s: flo
         progress.update(state)
         fed.processes["coordinator"].wait(timeout=120)
         fed.stop_many([f"site-{site.name}" for site in sites])
+        if state["status"] == "failed":
+            failed = [s["site"] for s in state.get("stages", []) if s.get("status") == "failed"]
+            say(f"run failed: {state.get('error')}\n{fed.explain(['coordinator', *failed])}")
         say(f"run {state['status']}; auditing what left each site")
         audits = fed.audit_all()
     figures = write_figures(fed.layout, state, out)
@@ -327,11 +332,11 @@ def demo_command(
     TLS and node authentication on, real sample images, inversion replay; then audits every site's outbound
     messages against its real data and writes OUT/report.json, OUT/report.md and PNGs.
     """
-    say = lambda line: console.print(f"{time.strftime('%H:%M:%S')} [bold green]demo[/] {line}")  # noqa: E731
+    say = timestamped("[bold green]demo[/]")
     try:
         report = run_demo(out.resolve(), profile, say)
-    except FederationTimeoutError as err:
-        raise fail(str(err), code=1) from None
+    except FederationError as err:
+        raise fail(f"{err}\nevery log: {out.resolve() / 'federation' / 'logs'}", code=1) from None
     say(
         f"{report['status']} in {report['wall_seconds']} s; real image tensors out: "
         f"{report['audit']['real_image_tensors_out']}; artifacts verified: {report['security']['artifacts_verified']}"

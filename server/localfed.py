@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,15 +32,71 @@ from server.pki import DEFAULT_SANS, create_certificates
 from server.state import StateLayout
 
 
-class FederationTimeoutError(TimeoutError):
-    """A local federation did not reach the expected state in time."""
+class FederationError(RuntimeError):
+    """A local federation cannot go on; the message says what happened and where the logs are."""
+
+
+class FederationTimeoutError(FederationError, TimeoutError):
+    """A local federation did not reach the expected state in time (or its coordinator exited first)."""
+
+
+class ProcessExitedError(FederationError):
+    """A site's `invcoss-client` exited while the run still needed it."""
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    """The last `lines` lines of a log file, indented, or a line saying it is missing."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"  ({path} not written)"
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(f"  | {line}" for line in tail) or f"  ({path} is empty)"
+
+
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_issued: set[int] = set()  # ports handed out by this process: never twice, though each is free until bound
+
+
+def _ephemeral_low() -> int:
+    """First port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
+    """A TCP port that is free on 127.0.0.1 now, not handed out before by this process, below the ephemeral range.
+
+    A federation picks all its ports first and its processes bind them seconds later. A port from the kernel's
+    ephemeral range (what binding port 0 gives) can be taken in between by any process's outgoing connection or
+    port-0 listener: then a SuperNode or metrics server cannot bind it and a site never comes online. Ports below
+    that range are only ever taken by explicit binds.
+    """
+    low = _ephemeral_low()
+    candidates = range(max(1024, low - 12288), low) if low > 2048 else range(0)
+    for port in random.sample(candidates, min(256, len(candidates))):
+        if port not in _issued and _bindable(port):
+            _issued.add(port)
+            return port
+    for _ in range(64):  # no free port below the ephemeral range: let the kernel pick one
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _issued:
+            _issued.add(port)
+            return port
+    raise OSError("no free TCP port on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -219,6 +276,30 @@ class LocalFederation:
         self.close()
 
     # -- observation ------------------------------------------------------------------------------------------
+    def site_logs(self, name: str) -> list[Path]:
+        """The logs that say why a site did what it did: its client's output and its SuperNode's log."""
+        return [self.logs / f"site-{name}.log", self.site_work(name) / "logs" / "supernode.log"]
+
+    def explain(self, names: list[str], lines: int = 12) -> str:
+        """The last lines of the coordinator's log (name 'coordinator') and of the named sites' logs."""
+        paths = [self.logs / "coordinator.log" if n == "coordinator" else None for n in names]
+        files = [p for n, p in zip(names, paths, strict=True) for p in ([p] if p else self.site_logs(n))]
+        return "\n".join(f"last lines of {path}:\n{log_tail(path, lines)}" for path in files)
+
+    def check_sites_running(self) -> None:
+        """Raise when a site's client exited: a run that needs it would otherwise wait out every attempt.
+
+        Raises:
+            ProcessExitedError: naming the site, its exit code and the last lines of its logs.
+        """
+        for site in self.sites:
+            process = self.processes.get(f"site-{site.name}")
+            if process is not None and process.poll() is not None:
+                raise ProcessExitedError(
+                    f"site {site.name}'s invcoss-client exited (code {process.returncode}) before the end of the "
+                    f"run\n{self.explain([site.name])}"
+                )
+
     def state(self) -> dict[str, Any]:
         """run.json of the coordinator ({} before the first start)."""
         try:
@@ -237,6 +318,7 @@ class LocalFederation:
 
         Raises:
             FederationTimeoutError: after `timeout_s`, or when the coordinator exited first.
+            ProcessExitedError: when `tick` raises it (see `check_sites_running`).
         """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -248,8 +330,8 @@ class LocalFederation:
             coordinator = self.processes.get("coordinator")
             if coordinator is not None and coordinator.poll() is not None and not (state and predicate(state)):
                 raise FederationTimeoutError(
-                    f"the coordinator exited (code {coordinator.returncode}) before {what}; see "
-                    f"{self.logs / 'coordinator.log'}"
+                    f"the coordinator exited (code {coordinator.returncode}) before {what}\n"
+                    + self.explain(["coordinator"])
                 )
             time.sleep(0.5)
         raise FederationTimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
@@ -274,6 +356,9 @@ class LocalFederation:
         """`invcoss-client audit --json` of a site: its real-data digests against every site's outbound log.
 
         Every site's audit log is included, so an image of site A forwarded by site B would be found too.
+
+        Raises:
+            FederationError: when the audit command fails (not when it finds real data: that is in the result).
         """
         others = [
             arg
@@ -284,7 +369,8 @@ class LocalFederation:
         cmd = [executable("invcoss-client"), "audit", "--site", name, "--config", str(self.site_toml(name)), "--json"]
         done = subprocess.run([*cmd, *others], capture_output=True, timeout=900, check=False, env=_env())
         if done.returncode not in (0, 1) or not done.stdout.strip():
-            raise RuntimeError(f"audit of site {name} failed: {done.stderr.decode()[-800:]}")
+            tail = done.stderr.decode(errors="replace")[-800:]
+            raise FederationError(f"audit of site {name} failed (code {done.returncode}): {tail}")
         return dict(json.loads(done.stdout))
 
     def audit_all(self) -> dict[str, dict[str, Any]]:

@@ -13,11 +13,12 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from invcoss_core.cli_support import console, fail, setup_logging
+from invcoss_core.cli_support import console, fail, setup_logging, timestamped
 from invcoss_core.config import ConfigError, StageConfig, build_config
 from invcoss_core.eventlog import EventTailer
-from invcoss_core.processes import InstanceLock, InstanceRunningError
+from invcoss_core.processes import InstanceLock, InstanceRunningError, PortUnavailableError
 from invcoss_core.signing import generate_private_key, load_private_key, private_key_openssh, public_key_openssh
 from site_client.app import EVENTS_FILE
 from site_client.audit import AUDIT_FILE, AuditLog, measure_leaks, real_data_digests
@@ -72,7 +73,7 @@ def run(
         lock = InstanceLock(cfg.work_dir / "client.lock").acquire(f"an invcoss-client of site {site}")
     except InstanceRunningError as err:
         raise fail(str(err), code=3) from None
-    say = lambda line: console.print(f"{time.strftime('%H:%M:%S')} [magenta]site {site}[/] {line}")  # noqa: E731
+    say = timestamped(f"[magenta]site {escape(site)}[/]")
     metrics = SiteMetrics(cfg.site)
     watch = StageWatch(since=time.time())
 
@@ -80,10 +81,14 @@ def run(
         metrics.apply(event)
         watch.apply(event)
 
-    tailer = EventTailer(cfg.work_dir / EVENTS_FILE, on_event, interval_s=0.5).start()
     if cfg.metrics.enabled:
-        port = serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port)
+        try:
+            port = serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port, config)
+        except PortUnavailableError as err:
+            lock.release()
+            raise fail(str(err), code=3) from None
         say(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
+    tailer = EventTailer(cfg.work_dir / EVENTS_FILE, on_event, interval_s=0.5).start()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from invcoss_core.eventlog import emit_event
 from invcoss_core.events import ProgressEvent
+from invcoss_core.processes import bind_or_explain
 
 
 class SiteEvents:
@@ -127,7 +128,12 @@ class SiteMetrics:
             self.inversion_progress.set(fraction)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve `registry` on http://HOST:PORT/metrics from a daemon thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, config_file: Path | str) -> int:
+    """Serve `registry` on http://HOST:PORT/metrics from a daemon thread; returns the bound port.
+
+    Raises:
+        PortUnavailableError: when HOST:PORT cannot be bound (the message names [metrics] in `config_file`).
+    """
+    start = lambda: start_http_server(port, addr=host, registry=registry)  # noqa: E731
+    server, _thread = bind_or_explain(start, host, port, "[metrics] port (0 picks a free one)", config_file)
     return int(server.server_port)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 ACTIVATION_REFUSED_MARKERS = ("Exit Code: 305", "[code: 2004]")
 CONNECTED_MARKER = "SuperNode ID:"
+PORT_IN_USE_MARKER = "address already in use"
 RETRY_WAIT_S = 5.0
 
 
@@ -118,6 +119,15 @@ class SuperNodeProcess:
         """True when the last exit was a refused activation (not enrolled, or an earlier session still online)."""
         text = self.log_since_start()
         return any(marker in text for marker in ACTIVATION_REFUSED_MARKERS)
+
+    def exit_reason(self) -> str:
+        """Why the last SuperNode exited, in operator terms, when its log says ('' otherwise)."""
+        if PORT_IN_USE_MARKER in self.log_since_start().lower():
+            return (
+                f"its port 127.0.0.1:{self.cfg.supernode.clientappio_port} is in use by another process (change "
+                "[supernode] clientappio_port in site.toml)"
+            )
+        return ""
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the SuperNode (it deactivates itself) and its ClientApp processes; SIGKILL what remains."""
@@ -213,8 +223,10 @@ def supervise(
         else:
             restarts += 1
             on_restart()
+            reason = node.exit_reason()
+            because = f": {reason}" if reason else ""
             if restarts > settings.restart_limit:
-                raise SiteClientError(f"the SuperNode exited {restarts} times; see {node.log_file}")
-            say(f"the SuperNode exited unexpectedly; restarting it ({restarts}/{settings.restart_limit})")
+                raise SiteClientError(f"the SuperNode exited {restarts} times{because}; see {node.log_file}")
+            say(f"the SuperNode exited unexpectedly{because}; restarting it ({restarts}/{settings.restart_limit})")
         stop.wait(RETRY_WAIT_S)
     node.stop()

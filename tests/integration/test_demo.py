@@ -29,7 +29,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, site_data_root: Path) -> tupl
         check=False,
     )
     seconds = time.monotonic() - started
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.returncode == 0, done.stderr.decode()[-8000:]  # the failure reason and the logs it names
     return out, seconds, done.stderr.decode()
 
 

@@ -44,6 +44,6 @@ def test_events_update_the_coordinator_metrics(tmp_path: Path) -> None:
     assert 'invcoss_coordinator_stage_retries_total{site="A"} 1.0' in text
     assert 'invcoss_coordinator_bytes_in_total{site="A"} 1000.0' in text
     assert 'invcoss_coordinator_run_status{status="running"} 1.0' in text
-    port = serve_metrics(metrics.registry, "127.0.0.1", 0)
+    port = serve_metrics(metrics.registry, "127.0.0.1", 0, "federation.toml")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         assert b"invcoss_coordinator_stage_seconds_bucket" in response.read()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from invcoss_core.eventlog import EventTailer
 from invcoss_core.events import ProgressEvent
+from server.pki import create_certificates
 from site_client.config import SiteConfig
 from site_client.metrics import SiteEvents, SiteMetrics
-from site_client.supernode import StageWatch, SuperNodeProcess
+from site_client.supernode import SiteClientError, StageWatch, SuperNodeProcess, supervise
 
 
 def test_supernode_command_uses_tls_root_key_and_node_config(site_config: SiteConfig) -> None:
@@ -114,3 +118,22 @@ def test_a_second_client_of_the_same_site_is_refused_and_the_first_keeps_its_loc
         assert not (tmp_path / "work" / "logs" / "supernode.log").exists()  # no second SuperNode was started
     finally:
         first.release()
+
+
+def test_a_supernode_port_in_use_is_named_with_its_setting(site_config: SiteConfig, tmp_path: Path) -> None:
+    """The real flower-supernode exits at once when its port is taken; the site says which port and which key."""
+    ca = create_certificates(tmp_path / "certs").ca_cert  # the SuperNode checks its CA file before anything else
+    site_config = site_config.model_copy(
+        update={"superlink": site_config.superlink.model_copy(update={"root_certificates": ca})}
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        supernode = site_config.supernode.model_copy(update={"clientappio_port": port, "restart_limit": 0})
+        cfg = site_config.model_copy(update={"supernode": supernode})
+        said: list[str] = []
+        with pytest.raises(SiteClientError) as err:
+            supervise(SuperNodeProcess(cfg, cfg.work_dir.parent / "site.toml"), threading.Event(), said.append)
+    message = str(err.value)
+    assert f"127.0.0.1:{port} is in use" in message and "clientappio_port" in message, message

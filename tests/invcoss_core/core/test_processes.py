@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ from invcoss_core.processes import (
     SUPERVISOR_ENV,
     InstanceLock,
     InstanceRunningError,
+    PortUnavailableError,
+    bind_or_explain,
     pid_alive,
     supervisor_env,
     watch_supervisor,
@@ -155,3 +158,25 @@ def test_watch_supervisor_takes_a_reused_pid_for_a_gone_supervisor(monkeypatch: 
     monkeypatch.setenv(SUPERVISOR_ENV, f"{pid}:{int(started) + 1}")  # same pid, another process's start time
     with watch_supervisor(lambda pid: called.set(), interval_s=0.05):
         assert called.wait(5)
+
+
+def test_a_port_that_cannot_be_bound_is_explained_with_its_setting() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        def start() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        with pytest.raises(PortUnavailableError) as err:
+            bind_or_explain(start, "127.0.0.1", port, "[metrics] port", "/etc/invcoss/site.toml")
+    assert str(err.value).startswith(f"cannot listen on 127.0.0.1:{port} (")
+    assert str(err.value).endswith("change [metrics] port in /etc/invcoss/site.toml")
+    assert bind_or_explain(lambda: 7, "127.0.0.1", port, "[metrics] port", "site.toml") == 7
