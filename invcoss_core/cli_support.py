@@ -16,7 +16,7 @@ from rich.markup import escape
 
 __all__ = ["console", "fail", "setup_logging", "timestamped"]
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a line stays one line in log files (grep-able paths)
 
 
 def setup_logging(level: str, quiet: Iterable[str] = ()) -> None:

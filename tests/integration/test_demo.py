@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from server.demo import run_demo
+from server.localfed import LocalFederation, ProcessExitedError
 from tests.integration.helpers import BIN, run_embed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,3 +80,43 @@ def test_demo_final_model_embeds(demo: tuple[Path, float, str], site_data_root: 
 
     with np.load(feats) as data:
         assert data["features"].shape[0] == 1
+
+
+def test_demo_with_a_site_that_cannot_start_stops_at_once_and_says_why(
+    site_data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Site A's client exits at start (here: its site.toml is missing): the demo names it with its log, in seconds."""
+    if not (site_data_root / "manifest.json").is_file():
+        pytest.skip("the demo uses the real sample images (invcoss samples fetch); not on this machine")
+    start_site = LocalFederation.start_site
+
+    def broken_site_a(fed: LocalFederation, name: str) -> subprocess.Popen[bytes]:
+        if name != "A":
+            return start_site(fed, name)
+        missing = fed.root / "missing-site.toml"
+        return fed._spawn("site-A", [str(BIN / "invcoss-client"), "--site", "A", "--config", str(missing)])
+
+    monkeypatch.setattr(LocalFederation, "start_site", broken_site_a)
+    said: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(ProcessExitedError) as err:
+        run_demo(tmp_path / "demo", "tiny", said.append)
+    message = str(err.value)
+    assert "site A's invcoss-client exited (code 2)" in message, message
+    assert "missing-site.toml" in message and "site-A.log" in message  # its own words, from its log
+    assert time.monotonic() - started < 120  # not three node-wait timeouts (9 minutes)
+    time.sleep(1.0)
+    assert _processes_naming(tmp_path) == [], "the demo left processes running"
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (Linux /proc; empty elsewhere)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in text:
+            found.append(text)
+    return found
