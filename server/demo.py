@@ -302,9 +302,19 @@ class _Progress:
         self.fed = fed
         self.say = say
         self.last: dict[str, str] = {}
+        self.seen = 0  # coordinator events already printed
         self.next_beat = time.monotonic() + 15
 
     def update(self, state: dict[str, Any]) -> None:
+        events = self.fed.coordinator_events()
+        for event in events[self.seen :]:  # what the coordinator is waiting for, and why an attempt failed
+            if event.get("kind") == "site_waiting":
+                self.say(f"waiting for site {event.get('site')} to come online")
+            elif event.get("kind") == "stage_failed_attempt":
+                self.say(f"stage {event.get('stage')}: {event.get('error')}")
+            elif event.get("kind") == "stage_retry":
+                self.say(f"stage {event.get('stage')}: attempt {event.get('attempt')} in {event.get('wait_s')} s")
+        self.seen = len(events)
         for stage in state.get("stages", []):
             key = f"stage-{stage['index']}"
             line = f"stage {stage['index']} at site {stage['site']} ({stage.get('modality')}): {stage['status']}"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -44,12 +45,16 @@ class ProcessExitedError(FederationError):
     """A site's `invcoss-client` exited while the run still needed it."""
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def log_tail(path: Path, lines: int = 12) -> str:
     """The last `lines` lines of a log file, indented, or a line saying it is missing."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return f"  ({path} not written)"
+    text = ANSI_ESCAPE.sub("", text)  # Flower colours its log lines
     tail = [line for line in text.splitlines() if line.strip()][-lines:]
     return "\n".join(f"  | {line}" for line in tail) or f"  ({path} is empty)"
 
@@ -343,14 +348,11 @@ class LocalFederation:
 
     def site_events(self, name: str) -> list[dict[str, Any]]:
         """Every event a site's ClientApps wrote."""
-        path = self.site_work(name) / "events.jsonl"
-        if not path.is_file():
-            return []
-        events = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-        return events
+        return _read_events(self.site_work(name) / "events.jsonl")
+
+    def coordinator_events(self) -> list[dict[str, Any]]:
+        """Every event the coordinator's plan wrote (stage sent, site waiting, attempt failed, ...)."""
+        return _read_events(self.layout.events)
 
     def audit(self, name: str) -> dict[str, Any]:
         """`invcoss-client audit --json` of a site: its real-data digests against every site's outbound log.
@@ -378,6 +380,16 @@ class LocalFederation:
         with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
             results = pool.map(self.audit, [s.name for s in self.sites])
             return dict(zip([s.name for s in self.sites], results))
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
 
 
 def _env() -> dict[str, str]:

@@ -21,8 +21,8 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
 
 def test_log_tail_keeps_the_last_lines_and_names_a_missing_log(tmp_path: Path) -> None:
     log = tmp_path / "site-A.log"
-    log.write_text("".join(f"line {i}\n" for i in range(30)))
-    assert log_tail(log, 3).splitlines() == ["  | line 27", "  | line 28", "  | line 29"]
+    log.write_text("".join(f"line {i}\n" for i in range(30)) + "\x1b[92mINFO \x1b[0m:      done\n\n")
+    assert log_tail(log, 3).splitlines() == ["  | line 28", "  | line 29", "  | INFO :      done"]
     assert "not written" in log_tail(tmp_path / "absent.log")
 
 

@@ -1,0 +1,29 @@
+"""The demo's running commentary: what the coordinator waits for and why an attempt failed, each said once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from invcoss_core.eventlog import emit_event
+from server.demo import _Progress
+from server.localfed import LocalFederation, LocalSite
+
+
+def test_progress_says_waits_failed_attempts_and_retries_once(tmp_path: Path) -> None:
+    fed = LocalFederation(tmp_path, [LocalSite("A", "ct", tmp_path / "ct")])
+    fed.layout.root.mkdir(parents=True)
+    said: list[str] = []
+    progress = _Progress(fed, said.append)
+    state = {"stages": [{"index": 1, "site": "A", "modality": "ct", "status": "pending"}]}
+    emit_event(fed.layout.events, "site_waiting", site="A")
+    progress.update(state)
+    emit_event(fed.layout.events, "stage_failed_attempt", stage=1, error="attempt 1: site A did not come online")
+    emit_event(fed.layout.events, "stage_retry", stage=1, site="A", attempt=2, wait_s=2.0)
+    progress.update(state)
+    progress.update(state)
+    assert said == [  # coordinator events first: a stage's failed attempt is told before its failed status
+        "waiting for site A to come online",
+        "stage 1 at site A (ct): pending",
+        "stage 1: attempt 1: site A did not come online",
+        "stage 1: attempt 2 in 2.0 s",
+    ]
