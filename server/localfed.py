@@ -287,8 +287,9 @@ class LocalFederation:
 
     def explain(self, names: list[str], lines: int = 12) -> str:
         """The last lines of the coordinator's log (name 'coordinator') and of the named sites' logs."""
-        paths = [self.logs / "coordinator.log" if n == "coordinator" else None for n in names]
-        files = [p for n, p in zip(names, paths, strict=True) for p in ([p] if p else self.site_logs(n))]
+        files: list[Path] = []
+        for name in names:
+            files += [self.logs / "coordinator.log"] if name == "coordinator" else self.site_logs(name)
         return "\n".join(f"last lines of {path}:\n{log_tail(path, lines)}" for path in files)
 
     def check_sites_running(self) -> None:

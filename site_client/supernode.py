@@ -125,7 +125,7 @@ class SuperNodeProcess:
         if PORT_IN_USE_MARKER in self.log_since_start().lower():
             return (
                 f"its port 127.0.0.1:{self.cfg.supernode.clientappio_port} is in use by another process (change "
-                "[supernode] clientappio_port in site.toml)"
+                f"[supernode] clientappio_port in {self.config_path})"
             )
         return ""
 

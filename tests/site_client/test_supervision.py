@@ -136,4 +136,4 @@ def test_a_supernode_port_in_use_is_named_with_its_setting(site_config: SiteConf
         with pytest.raises(SiteClientError) as err:
             supervise(SuperNodeProcess(cfg, cfg.work_dir.parent / "site.toml"), threading.Event(), said.append)
     message = str(err.value)
-    assert f"127.0.0.1:{port} is in use" in message and "clientappio_port" in message, message
+    assert f"127.0.0.1:{port} is in use" in message and "clientappio_port in " + str(cfg.work_dir.parent) in message
