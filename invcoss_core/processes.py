@@ -8,8 +8,7 @@ descendants and zombies; where it is absent, only the direct process is handled.
 A supervisor killed hard (SIGKILL, the OOM killer) cannot stop its children. Without help its SuperNode or
 SuperLink would live on as an orphan: still connected, still holding its ports and its stage, so that the restarted
 supervisor could not start a new one. `die_with_parent` asks the kernel to SIGTERM the child when its supervisor
-dies (Linux `PR_SET_PDEATHSIG`); for the SuperNode the wrapper takes the child's whole process group with it:
-Flower's ClientApp processes do not all watch their parent.
+dies (Linux `PR_SET_PDEATHSIG`); Flower's own processes already stop when their Flower parent does.
 `InstanceLock` refuses a second supervisor on the same state folder. Work that runs further down (a site's
 stage, below SuperNode, SuperExec and ClientApp processes) finds its supervisor in `SUPERVISOR_ENV` and stops
 itself with `watch_supervisor` once that supervisor is gone, rather than train on for an hour with nobody to
@@ -142,41 +141,24 @@ def terminate_tree(process: subprocess.Popen[bytes], timeout_s: float = 10.0) ->
         process.wait(timeout=5)
 
 
-def die_with_parent(command: Sequence[str], group: bool = False) -> list[str]:
+def die_with_parent(command: Sequence[str]) -> list[str]:
     """`command`, wrapped so that the kernel sends it SIGTERM when this process dies (Linux; elsewhere unchanged).
 
     The wrapper (this module run with `python -m`) sets `PR_SET_PDEATHSIG`, checks that this process is still its
-    parent, then execs `command`, which keeps the setting; with `group`, it instead runs `command` in a process group
-    of its own, passes SIGTERM/SIGINT to that group and kills what is left of it when the command exits (see
-    `_run_dying_with`). The signal follows the *thread* that started the wrapper: start it from a thread that lives
-    as long as the supervisor (the main thread).
+    parent, then execs `command`, which keeps the setting. The signal follows the *thread* that started the child:
+    start it from a thread that lives as long as the supervisor (the main thread).
 
     Args:
         command: the child's command line.
-        group: take the command's whole process group down with it (for commands whose own children do not all
-            watch their parent).
     Returns:
         the command line to give `subprocess.Popen`.
     """
     if not sys.platform.startswith("linux"):
         return list(command)
-    mode = "--die-with-group" if group else "--die-with"
-    return [sys.executable, "-m", "invcoss_core.processes", mode, str(os.getpid()), "--", *command]
+    return [sys.executable, "-m", "invcoss_core.processes", "--die-with", str(os.getpid()), "--", *command]
 
 
-GROUP_GRACE_S = 10.0  # after the command exits or is told to stop, its process group gets this long before SIGKILL
-
-
-def _exec_dying_with(parent: int, command: list[str], group: bool) -> NoReturn:
-    """Exec `command` once the kernel's death signal is set; with `group`, run it in a process group of its own instead.
-
-    With `group`, the whole group goes down with this wrapper's parent.
-
-    Flower's processes start processes of their own (SuperExec, one ClientApp or ServerApp process per task) and not
-    all of them watch their parent: a ClientApp process still waiting for its task outlived a hard-killed site.
-    The kernel's death signal reaches only this wrapper; the wrapper passes SIGTERM/SIGINT to the whole group and,
-    once the command has exited, gives the rest of the group `GROUP_GRACE_S` before it SIGKILLs what remains.
-    """
+def _exec_dying_with(parent: int, command: list[str]) -> NoReturn:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         err = ctypes.get_errno()
@@ -184,31 +166,7 @@ def _exec_dying_with(parent: int, command: list[str], group: bool) -> NoReturn:
     if os.getppid() != parent:  # the supervisor died before the setting took hold
         sys.stderr.write(f"supervisor {parent} is gone; not starting {command[0]}\n")
         sys.exit(75)
-    if not group:
-        os.execvp(command[0], command)
-    child = subprocess.Popen(command, start_new_session=True)
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = child.wait()
-    deadline = time.monotonic() + GROUP_GRACE_S
-    while time.monotonic() < deadline and _group_alive(child.pid):
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, signal.SIGKILL)
-    sys.exit(code if code >= 0 else 128 - code)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    os.execvp(command[0], command)
 
 
 class PortUnavailableError(OSError):
@@ -344,6 +302,6 @@ def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) ->
 
 if __name__ == "__main__":  # the die_with_parent wrapper: python -m invcoss_core.processes --die-with PID -- CMD...
     args = sys.argv[1:]
-    if len(args) < 4 or args[0] not in ("--die-with", "--die-with-group") or args[2] != "--":
-        sys.exit("usage: python -m invcoss_core.processes --die-with[-group] PARENT_PID -- COMMAND [ARGS...]")
-    _exec_dying_with(int(args[1]), args[3:], group=args[0] == "--die-with-group")
+    if len(args) < 4 or args[0] != "--die-with" or args[2] != "--":
+        sys.exit("usage: python -m invcoss_core.processes --die-with PARENT_PID -- COMMAND [ARGS...]")
+    _exec_dying_with(int(args[1]), args[3:])
