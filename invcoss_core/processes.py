@@ -8,7 +8,10 @@ descendants and zombies; where it is absent, only the direct process is handled.
 A supervisor killed hard (SIGKILL, the OOM killer) cannot stop its children. Without help its SuperNode or
 SuperLink would live on as an orphan: still connected, still holding its ports and its stage, so that the restarted
 supervisor could not start a new one. `die_with_parent` asks the kernel to SIGTERM the child when its supervisor
-dies (Linux `PR_SET_PDEATHSIG`); Flower's own processes already stop when their Flower parent does.
+dies (Linux `PR_SET_PDEATHSIG`). Flower's own processes mostly stop when their Flower parent does; for the one
+that does not always (a ClientApp process, seen outliving a hard-killed site), `die_with_parent(..., group=True)`
+runs the command in a process group of its own with a small reaper that kills what is left of the group once the
+command or its supervisor is gone.
 `InstanceLock` refuses a second supervisor on the same state folder. Work that runs further down (a site's
 stage, below SuperNode, SuperExec and ClientApp processes) finds its supervisor in `SUPERVISOR_ENV` and stops
 itself with `watch_supervisor` once that supervisor is gone, rather than train on for an hour with nobody to
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import IO, ClassVar, NoReturn, TypeVar
 
 __all__ = [
+    "GROUP_GRACE_S",
     "SUPERVISOR_ENV",
     "InstanceLock",
     "InstanceRunningError",
@@ -141,24 +145,33 @@ def terminate_tree(process: subprocess.Popen[bytes], timeout_s: float = 10.0) ->
         process.wait(timeout=5)
 
 
-def die_with_parent(command: Sequence[str]) -> list[str]:
+def die_with_parent(command: Sequence[str], group: bool = False) -> list[str]:
     """`command`, wrapped so that the kernel sends it SIGTERM when this process dies (Linux; elsewhere unchanged).
 
     The wrapper (this module run with `python -m`) sets `PR_SET_PDEATHSIG`, checks that this process is still its
-    parent, then execs `command`, which keeps the setting. The signal follows the *thread* that started the child:
-    start it from a thread that lives as long as the supervisor (the main thread).
+    parent, then execs `command`, which keeps the setting (and its pid: the `Popen` object is the command's). The
+    signal follows the *thread* that started the child: start it from a thread that lives as long as the supervisor
+    (the main thread).
 
     Args:
         command: the child's command line.
+        group: also take down every process the command starts: the command leads a process group of its own, and
+            a reaper process in that group SIGKILLs the group `GROUP_GRACE_S` after the command or its supervisor is
+            gone (for commands whose children do not all stop with them). The command then no longer gets the
+            terminal's Ctrl-C directly: its supervisor must stop it.
     Returns:
         the command line to give `subprocess.Popen`.
     """
     if not sys.platform.startswith("linux"):
         return list(command)
-    return [sys.executable, "-m", "invcoss_core.processes", "--die-with", str(os.getpid()), "--", *command]
+    mode = "--die-with-group" if group else "--die-with"
+    return [sys.executable, "-m", "invcoss_core.processes", mode, str(os.getpid()), "--", *command]
 
 
-def _exec_dying_with(parent: int, command: list[str]) -> NoReturn:
+GROUP_GRACE_S = 3.0  # what is left of a group gets this long to stop by itself once its leader or supervisor is gone
+
+
+def _exec_dying_with(parent: int, command: list[str], group: bool = False) -> NoReturn:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         err = ctypes.get_errno()
@@ -166,7 +179,31 @@ def _exec_dying_with(parent: int, command: list[str]) -> NoReturn:
     if os.getppid() != parent:  # the supervisor died before the setting took hold
         sys.stderr.write(f"supervisor {parent} is gone; not starting {command[0]}\n")
         sys.exit(75)
+    if group:
+        os.setpgid(0, 0)
+        leader = os.getpid()
+        if os.fork() == 0:  # the reaper: a child of the command once this process has exec'd it
+            _reap_group_when_gone(leader, parent)
     os.execvp(command[0], command)
+
+
+def _reap_group_when_gone(leader: int, supervisor: int) -> NoReturn:
+    """Wait until `leader` (this process's parent) or `supervisor` is gone, then SIGKILL `leader`'s process group.
+
+    Flower's SuperExec starts a ClientApp process per task; one that is still fetching its task or blocked in a call
+    does not react to its parent monitor, and outlived a hard-killed site by more than 20 s. The group is given
+    `GROUP_GRACE_S` to stop by itself first. A SIGTERM (a supervisor stopping the tree in order) ends the reaper.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # hold no pipe of the command's open
+            os.dup2(devnull, fd)
+        while os.getppid() == leader and pid_alive(supervisor):
+            time.sleep(0.2)
+        time.sleep(GROUP_GRACE_S)
+        os.killpg(leader, signal.SIGKILL)  # this reaper included
+    finally:
+        os._exit(0)
 
 
 class PortUnavailableError(OSError):
@@ -302,6 +339,6 @@ def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) ->
 
 if __name__ == "__main__":  # the die_with_parent wrapper: python -m invcoss_core.processes --die-with PID -- CMD...
     args = sys.argv[1:]
-    if len(args) < 4 or args[0] != "--die-with" or args[2] != "--":
-        sys.exit("usage: python -m invcoss_core.processes --die-with PARENT_PID -- COMMAND [ARGS...]")
-    _exec_dying_with(int(args[1]), args[3:])
+    if len(args) < 4 or args[0] not in ("--die-with", "--die-with-group") or args[2] != "--":
+        sys.exit("usage: python -m invcoss_core.processes --die-with[-group] PARENT_PID -- COMMAND [ARGS...]")
+    _exec_dying_with(int(args[1]), args[3:], group=args[0] == "--die-with-group")

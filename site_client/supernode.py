@@ -92,7 +92,8 @@ class SuperNodeProcess:
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                die_with_parent(self.command()),  # a hard-killed supervisor must not leave a SuperNode connected
+                # a hard-killed supervisor must leave neither a SuperNode connected nor a ClientApp process behind
+                die_with_parent(self.command(), group=True),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=flower_env(self.cfg),

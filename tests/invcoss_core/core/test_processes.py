@@ -15,26 +15,40 @@ from pathlib import Path
 import pytest
 
 from invcoss_core.processes import (
+    GROUP_GRACE_S,
     SUPERVISOR_ENV,
     InstanceLock,
     InstanceRunningError,
     PortUnavailableError,
     bind_or_explain,
+    descendants,
+    die_with_parent,
     pid_alive,
     supervisor_env,
+    terminate_tree,
     watch_supervisor,
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+# A command that starts a process of its own and does not watch it (as Flower's SuperExec does with a ClientApp),
+# writes that process's pid to argv[1], then sleeps or exits with 7 (argv[2] == "exit").
+FORKER = [
+    sys.executable,
+    "-c",
+    "import pathlib, subprocess, sys, time; "
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    "pathlib.Path(sys.argv[1]).write_text(str(child.pid)); "
+    "sys.exit(7) if sys.argv[2] == 'exit' else time.sleep(60)",
+]
 
 # A supervisor that starts one child through die_with_parent and one plainly, prints both pids, and waits.
 SUPERVISOR = """
 import json, subprocess, sys, time
 from invcoss_core.processes import die_with_parent
 sleeper = json.loads(sys.argv[1])
-guarded = subprocess.Popen(die_with_parent(sleeper))
+guarded = subprocess.Popen(die_with_parent(sleeper, group=sys.argv[2] == "group"))
 plain = subprocess.Popen(sleeper)
 print(json.dumps([guarded.pid, plain.pid]), flush=True)
 time.sleep(60)
@@ -59,7 +73,7 @@ def _cmdline(pid: int) -> str:
 
 def test_a_child_started_with_die_with_parent_stops_when_its_supervisor_is_killed() -> None:
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", SUPERVISOR, json.dumps(SLEEPER)], stdout=subprocess.PIPE, cwd=Path.cwd()
+        [sys.executable, "-c", SUPERVISOR, json.dumps(SLEEPER), "plain"], stdout=subprocess.PIPE, cwd=Path.cwd()
     )
     assert supervisor.stdout is not None
     guarded, plain = json.loads(supervisor.stdout.readline())
@@ -74,6 +88,71 @@ def test_a_child_started_with_die_with_parent_stops_when_its_supervisor_is_kille
         for pid in (guarded, plain):
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _grandchild(pid_file: Path) -> int:
+    assert _wait(lambda: pid_file.exists() and pid_file.read_text().isdigit(), 20), "the command started no child"
+    return int(pid_file.read_text())
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_group_child_takes_what_it_started_with_it_when_its_supervisor_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    command = [*FORKER, str(pid_file), "sleep"]
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, json.dumps(command), "group"], stdout=subprocess.PIPE, cwd=Path.cwd()
+    )
+    assert supervisor.stdout is not None
+    guarded, plain = json.loads(supervisor.stdout.readline())
+    tree: list[int] = [guarded, plain]
+    try:
+        grandchild = _grandchild(pid_file)
+        tree = [guarded, plain, *descendants(guarded)]
+        assert grandchild in tree and len(tree) >= 4, tree  # command, its child, the reaper (and the control)
+        supervisor.kill()  # SIGKILL: the supervisor cannot clean up
+        supervisor.wait()
+        gone = [guarded, *descendants(guarded)]
+        assert _wait(lambda: not any(pid_alive(p) for p in gone), GROUP_GRACE_S + 10), [
+            _cmdline(p) for p in gone if pid_alive(p)
+        ]
+        assert pid_alive(plain), "control: a plainly started child is orphaned, not stopped"
+    finally:
+        _kill_all(tree)
+
+
+def test_a_group_child_that_exits_by_itself_returns_at_once_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    started = time.monotonic()
+    child = subprocess.Popen(die_with_parent([*FORKER, str(pid_file), "exit"], group=True))
+    grandchild = 0
+    try:
+        assert child.wait(timeout=30) == 7  # the command's own exit code, not held up by the reaper's grace
+        assert time.monotonic() - started < 20
+        grandchild = _grandchild(pid_file)
+        assert _wait(lambda: not pid_alive(grandchild), GROUP_GRACE_S + 10), "the command's child outlived it"
+    finally:
+        _kill_all([grandchild] if grandchild else [])
+
+
+def test_stopping_a_group_child_in_order_stops_its_tree_and_its_reaper(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    child = subprocess.Popen(die_with_parent([*FORKER, str(pid_file), "sleep"], group=True))
+    tree = [child.pid]
+    try:
+        _grandchild(pid_file)
+        tree = [child.pid, *descendants(child.pid)]
+        assert len(tree) >= 3, tree  # command, its child, the reaper
+        started = time.monotonic()
+        terminate_tree(child, timeout_s=10)
+        assert time.monotonic() - started < 5
+        assert not any(pid_alive(p) for p in tree), [_cmdline(p) for p in tree if pid_alive(p)]
+    finally:
+        _kill_all(tree)
 
 
 def test_the_wrapper_refuses_to_start_a_child_of_a_supervisor_that_is_already_gone() -> None:
