@@ -23,6 +23,7 @@ import typer
 
 from invcoss_core.artifact import ArtifactError, check_lineage, decode_artifact, read_artifact_files
 from invcoss_core.cli_support import fail, timestamped
+from invcoss_core.eventlog import EventTailer
 from invcoss_core.signing import load_public_key
 from server.localfed import FederationError, LocalFederation, LocalSite
 from server.state import StateLayout
@@ -296,25 +297,43 @@ def run_demo(out: Path, profile: str, say: Callable[[str], None], timeout_s: flo
 
 
 class _Progress:
-    """Prints one line whenever a stage's phase changes (from run.json and the sites' event files)."""
+    """Prints one line whenever a stage's phase changes (from run.json and the sites' event files).
+
+    The event files are followed from where the last tick stopped reading (a `base` run's sites write a progress
+    event per training step: rereading whole files every tick would grow with the run).
+    """
 
     def __init__(self, fed: LocalFederation, say: Callable[[str], None]) -> None:
         self.fed = fed
         self.say = say
         self.last: dict[str, str] = {}
-        self.seen = 0  # coordinator events already printed
         self.next_beat = time.monotonic() + 15
+        self.coordinator = EventTailer(fed.layout.events, self._coordinator_event, from_start=True)
+        self.sites: dict[str, EventTailer] = {}
+        self.progress: dict[str, dict[str, Any]] = {}  # site -> its latest progress event
+
+    def _coordinator_event(self, event: dict[str, Any]) -> None:
+        """What the coordinator is waiting for, and why an attempt failed."""
+        if event.get("kind") == "site_waiting":
+            self.say(f"waiting for site {event.get('site')} to come online")
+        elif event.get("kind") == "stage_failed_attempt":
+            self.say(f"stage {event.get('stage')}: {event.get('error')}")
+        elif event.get("kind") == "stage_retry":
+            self.say(f"stage {event.get('stage')}: attempt {event.get('attempt')} in {event.get('wait_s')} s")
+
+    def _site_progress(self, site: str) -> dict[str, Any] | None:
+        if site not in self.sites:
+
+            def keep(event: dict[str, Any]) -> None:
+                if event.get("kind") == "progress":
+                    self.progress[site] = event
+
+            self.sites[site] = EventTailer(self.fed.site_work(site) / "events.jsonl", keep, from_start=True)
+        self.sites[site].poll()
+        return self.progress.get(site)
 
     def update(self, state: dict[str, Any]) -> None:
-        events = self.fed.coordinator_events()
-        for event in events[self.seen :]:  # what the coordinator is waiting for, and why an attempt failed
-            if event.get("kind") == "site_waiting":
-                self.say(f"waiting for site {event.get('site')} to come online")
-            elif event.get("kind") == "stage_failed_attempt":
-                self.say(f"stage {event.get('stage')}: {event.get('error')}")
-            elif event.get("kind") == "stage_retry":
-                self.say(f"stage {event.get('stage')}: attempt {event.get('attempt')} in {event.get('wait_s')} s")
-        self.seen = len(events)
+        self.coordinator.poll()
         for stage in state.get("stages", []):
             key = f"stage-{stage['index']}"
             line = f"stage {stage['index']} at site {stage['site']} ({stage.get('modality')}): {stage['status']}"
@@ -324,10 +343,9 @@ class _Progress:
                 self.last[key] = line
                 self.say(line)
             if stage["status"] == "running":
-                events = [e for e in self.fed.site_events(stage["site"]) if e.get("kind") == "progress"]
-                if events and time.monotonic() >= self.next_beat:
-                    e = events[-1]
-                    self.say(f"  site {stage['site']}: {e['phase']} {e['step']}/{e['total']}")
+                event = self._site_progress(stage["site"])
+                if event and time.monotonic() >= self.next_beat:
+                    self.say(f"  site {stage['site']}: {event['phase']} {event['step']}/{event['total']}")
                     self.next_beat = time.monotonic() + 15
 
 

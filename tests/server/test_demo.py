@@ -27,3 +27,22 @@ def test_progress_says_waits_failed_attempts_and_retries_once(tmp_path: Path) ->
         "stage 1: attempt 1: site A did not come online",
         "stage 1: attempt 2 in 2.0 s",
     ]
+
+
+def test_progress_of_a_running_stage_is_its_sites_latest_step_read_as_the_file_grows(tmp_path: Path) -> None:
+    fed = LocalFederation(tmp_path, [LocalSite("A", "ct", tmp_path / "ct")])
+    fed.layout.root.mkdir(parents=True)
+    events = fed.site_work("A") / "events.jsonl"
+    events.parent.mkdir(parents=True)
+    said: list[str] = []
+    progress = _Progress(fed, said.append)
+    state = {"stages": [{"index": 1, "site": "A", "modality": "ct", "status": "running"}]}
+    for step in (1, 2):
+        emit_event(events, "progress", phase="train", step=step, total=10)
+    emit_event(events, "stage_started", stage=1)
+    progress.next_beat = 0.0
+    progress.update(state)
+    emit_event(events, "progress", phase="inversion", step=3, total=8)
+    progress.next_beat = 0.0
+    progress.update(state)
+    assert said == ["stage 1 at site A (ct): running", "  site A: train 2/10", "  site A: inversion 3/8"]
