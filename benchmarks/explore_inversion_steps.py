@@ -8,6 +8,10 @@ batches) 118 steps in all. On seed 0's CT model those images stay off the real d
 0.659 (real 0.450), L_norm 0.406. With 600 + 60 per batch (780 steps, 66 s on 2 CPU threads): sd 0.082, cover 0.771,
 self-similarity 0.473, L_norm 0.200 (`invcoss_inv600`).
 
+Result (seeds 0–2, `docs/results/small-mri45-inv600/`): CT rise +0.013 instead of +0.034, earlier-modality
+reconstruction no longer separable from the buffer's; 600 + 60 is now the `small` preset's setting, so with the
+current code `invcoss_inv600` and `invcoss` are the same configuration (kept for reproducing the folder).
+
 This runs `invcoss bench` with that one extra method. Everything else — the shared CT stage of each seed, the data
 order, the evaluation — is the benchmark's, so its stage JSONs compare with `invcoss`'s seed by seed. The method
 is registered in this process only; the product's method list is unchanged. Every argument is passed to
