@@ -8,7 +8,7 @@ batches) 118 steps in all. On seed 0's CT model those images stay off the real d
 0.659 (real 0.450), L_norm 0.406. With 600 + 60 per batch (780 steps, 66 s on 2 CPU threads): sd 0.082, cover 0.771,
 self-similarity 0.473, L_norm 0.200 (`invcoss_inv600`).
 
-Result (seeds 0–2, `docs/results/small-mri45-inv600/`): CT rise +0.013 instead of +0.034, earlier-modality
+Result (seeds 0–4, `docs/results/small-mri45-inv600/`): CT rise +0.014 instead of +0.034, earlier-modality
 reconstruction no longer separable from the buffer's; 600 + 60 is now the `small` preset's setting, so with the
 current code `invcoss_inv600` and `invcoss` are the same configuration (kept for reproducing the folder).
 
