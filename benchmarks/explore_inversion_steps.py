@@ -23,23 +23,22 @@ is registered in this process only; the product's method list is unchanged. Ever
 
 from __future__ import annotations
 
-import sys
+from exploration import bench_main, register
 
-from invcoss_core.evaluation.settings import METHODS, MethodSpec
+from invcoss_core.evaluation.settings import MethodSpec
 
 ITERATIONS, PER_BATCH = 600, 60
 
-METHODS["invcoss_inv600"] = MethodSpec(
-    "invcoss_inv600",
-    "inversion",
-    f"InvCoSS with the generator optimised {ITERATIONS} steps on its first batch, {PER_BATCH} on each later one "
-    "(exploration: inversion steps)",
-    {"inversion": {"iterations": ITERATIONS, "iterations_per_batch": PER_BATCH}},
-    ablation=True,
+register(
+    MethodSpec(
+        "invcoss_inv600",
+        "inversion",
+        f"InvCoSS with the generator optimised {ITERATIONS} steps on its first batch, {PER_BATCH} on each later one "
+        "(exploration: inversion steps)",
+        {"inversion": {"iterations": ITERATIONS, "iterations_per_batch": PER_BATCH}},
+        ablation=True,
+    )
 )
 
 if __name__ == "__main__":
-    from server.invcoss_cli import main
-
-    sys.argv = ["invcoss", "bench", *sys.argv[1:]]
-    main()
+    bench_main()

@@ -16,22 +16,21 @@ passed to `invcoss bench`:
 
 from __future__ import annotations
 
-import sys
+from exploration import bench_main, register
 
-from invcoss_core.evaluation.settings import METHODS, MethodSpec
+from invcoss_core.evaluation.settings import MethodSpec
 
 POOL_IMAGES = 408  # 4 × the 102 images a 5 % share of the small profile's 2048 CT training samples gives
 
-METHODS["invcoss_pool4x"] = MethodSpec(
-    "invcoss_pool4x",
-    "inversion",
-    f"InvCoSS with {POOL_IMAGES} synthetic images per stage (exploration: pool size)",
-    {"inversion": {"num_images": POOL_IMAGES}},
-    ablation=True,
+register(
+    MethodSpec(
+        "invcoss_pool4x",
+        "inversion",
+        f"InvCoSS with {POOL_IMAGES} synthetic images per stage (exploration: pool size)",
+        {"inversion": {"num_images": POOL_IMAGES}},
+        ablation=True,
+    )
 )
 
 if __name__ == "__main__":
-    from server.invcoss_cli import main
-
-    sys.argv = ["invcoss", "bench", *sys.argv[1:]]
-    main()
+    bench_main()

@@ -351,10 +351,6 @@ class LocalFederation:
         """Every event a site's ClientApps wrote."""
         return _read_events(self.site_work(name) / "events.jsonl")
 
-    def coordinator_events(self) -> list[dict[str, Any]]:
-        """Every event the coordinator's plan wrote (stage sent, site waiting, attempt failed, ...)."""
-        return _read_events(self.layout.events)
-
     def audit(self, name: str) -> dict[str, Any]:
         """`invcoss-client audit --json` of a site: its real-data digests against every site's outbound log.
 
