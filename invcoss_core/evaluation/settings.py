@@ -225,6 +225,9 @@ _BASE = BenchSettings(
     seeds=3,
     ablation_seeds=3,
     stage_config={"data": {"samples_per_volume": 1024}},
+    # As in `small`: the pixels ablation runs `iterations` on every batch, so 100 keeps it near the generator's
+    # budget (the preset's 600 first-batch steps).
+    method_config={"pixel_inversion": {"inversion": {"iterations": 100}}},
     probes=ProbeSettings(knn_k=20, linear_steps=200, max_samples=4000, folds=5),
     recon=ReconSettings(max_train=2048, max_test=1024, masks_per_image=2, decoder_steps=1000, decoder_batch=128),
 )
