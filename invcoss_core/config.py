@@ -290,7 +290,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 32,
             # The small preset's 600 + 60, not the 200 + 12 this had: at `small`, 100 + 6 left the generator
             # under-trained and the first batch's steps were what counted (see there). Not measured at this size:
-            # the InvUNet here is wider and deeper and the images larger, so this is a floor, not a tuned value.
+            # the InvUNet here is wider and deeper and the images larger, so it may need more; not a tuned value.
             "iterations": 600,
             "iterations_per_batch": 60,
             "latent_dim": 128,
