@@ -95,6 +95,19 @@ def _grandchild(pid_file: Path) -> int:
     return int(pid_file.read_text())
 
 
+def _group_tree(leader: int, grandchild: int) -> list[int]:
+    """`leader`'s descendants once its child `grandchild` and the reaper show in /proc (a new process can show a
+    moment late: seen once in CI)."""
+    found: list[int] = []
+
+    def complete() -> bool:
+        found[:] = descendants(leader)
+        return grandchild in found and len(found) >= 2  # the command's child and the reaper
+
+    assert _wait(complete, 10), (grandchild, found)
+    return found
+
+
 def _kill_all(pids: list[int]) -> None:
     for pid in pids:
         if pid_alive(pid):
@@ -112,12 +125,7 @@ def test_a_group_child_takes_what_it_started_with_it_when_its_supervisor_is_kill
     tree: list[int] = [guarded, plain]
     try:
         grandchild = _grandchild(pid_file)
-        # /proc can show a just-started process a moment late (seen once in CI): wait for the whole tree
-        assert _wait(lambda: grandchild in descendants(guarded) and len(descendants(guarded)) >= 2, 10), (
-            grandchild,
-            descendants(guarded),
-        )  # the command's child and the reaper
-        tree = [guarded, plain, *descendants(guarded)]
+        tree = [guarded, plain, *_group_tree(guarded, grandchild)]
         supervisor.kill()  # SIGKILL: the supervisor cannot clean up
         supervisor.wait()
         gone = [guarded, *descendants(guarded)]
@@ -148,12 +156,7 @@ def test_stopping_a_group_child_in_order_stops_its_tree_and_its_reaper(tmp_path:
     child = subprocess.Popen(die_with_parent([*FORKER, str(pid_file), "sleep"], group=True))
     tree = [child.pid]
     try:
-        grandchild = _grandchild(pid_file)
-        assert _wait(lambda: grandchild in descendants(child.pid) and len(descendants(child.pid)) >= 2, 10), (
-            grandchild,
-            descendants(child.pid),
-        )  # the command's child and the reaper
-        tree = [child.pid, *descendants(child.pid)]
+        tree = [child.pid, *_group_tree(child.pid, _grandchild(pid_file))]
         started = time.monotonic()
         terminate_tree(child, timeout_s=10)
         assert time.monotonic() - started < 5
