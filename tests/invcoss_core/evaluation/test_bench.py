@@ -121,6 +121,26 @@ def test_bench_schema_for_the_other_baselines_and_resume(tmp_path: Path) -> None
     assert again["methods"]["ewc"]["acc"] == results["methods"]["ewc"]["acc"]
 
 
+def test_an_x_ray_stage_first_gives_four_stages_and_counts_x_ray_as_an_earlier_modality(tmp_path: Path) -> None:
+    """The issue's optional order (X-ray, CT, MRI, pathology): every matrix grows a row and a column."""
+    order = ("xray", "ct", "mri", "pathology")
+    settings = _fast_settings(order=order, stage_steps=(4, 3, 3, 3))
+    data = synthetic_bench_data(settings.first_stage_config(0), order)
+    methods = ["finetune", "invcoss", "joint"]
+    results = run_bench(settings=settings, methods=methods, data=data, out_dir=tmp_path, figures=False)
+    check_results_schema(results, methods, tmp_path)
+    assert results["modalities"] == list(order)
+    assert results["task_stage"] == [0, 1, 2, 3]
+    assert set(results["methods"]["finetune"]["task_bwt"]) == {"xray_texture", "ct_texture", "mri_texture"}
+    assert len(results["methods"]["invcoss"]["recon"]) == 4
+    runs = tmp_path / "runs"
+    for stage, modality in enumerate(order, start=1):
+        seed0 = runs / "invcoss" / "seed0"
+        assert json.loads((seed0 / f"stage{stage}.json").read_text())["modality"] == modality
+        assert json.loads((seed0 / f"stage{stage}" / "manifest.json").read_text())["site"] == modality
+    assert json.loads((runs / "joint" / "seed0" / "stage1.json").read_text())["modality"] == "+".join(order)
+
+
 def test_report_only_trains_nothing_and_reports_the_seeds_each_method_has(tmp_path: Path) -> None:
     settings = _fast_settings()
     data = synthetic_bench_data(settings.first_stage_config(0))
