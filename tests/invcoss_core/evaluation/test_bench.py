@@ -134,8 +134,8 @@ def test_an_x_ray_stage_first_gives_four_stages_and_counts_x_ray_as_an_earlier_m
     assert set(results["methods"]["finetune"]["task_bwt"]) == {"xray_texture", "ct_texture", "mri_texture"}
     assert len(results["methods"]["invcoss"]["recon"]) == 4
     runs = tmp_path / "runs"
+    seed0 = runs / "invcoss" / "seed0"
     for stage, modality in enumerate(order, start=1):
-        seed0 = runs / "invcoss" / "seed0"
         assert json.loads((seed0 / f"stage{stage}.json").read_text())["modality"] == modality
         assert json.loads((seed0 / f"stage{stage}" / "manifest.json").read_text())["site"] == modality
     assert json.loads((runs / "joint" / "seed0" / "stage1.json").read_text())["modality"] == "+".join(order)
