@@ -47,7 +47,7 @@ def our_loop(cfg: StageConfig, modality: str, data: Dataset[torch.Tensor], devic
     model = seeded_model(cfg, "bench").to(device)
     replay = NoReplay()
     start = time.perf_counter()
-    _, _, _, _, seen = train_stage(
+    seen = train_stage(
         config=cfg,
         modality=modality,
         train_data=data,
@@ -58,7 +58,7 @@ def our_loop(cfg: StageConfig, modality: str, data: Dataset[torch.Tensor], devic
         checkpoint_dir=None,
         fingerprint="bench",
         stage_index=1,
-    )
+    ).seen
     if device.type == "cuda":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)

@@ -19,6 +19,7 @@ Nothing is pickled: files travel as raw bytes and are parsed by `invcoss_core.ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,26 +27,44 @@ from typing import Any
 
 __all__ = [
     "ARTIFACT_RECORD",
+    "CANDIDATES_FILE",
     "FILE_STYPE",
     "METRICS_RECORD",
+    "PAYLOAD_FILES",
+    "PAYLOAD_RECORD",
     "PROTOCOL_VERSION",
     "QUERY_MESSAGE",
+    "RECEIPT_RECORD",
     "REPLY_STATUSES",
     "RESULT_RECORD",
     "SITE_RECORD",
     "STAGE_MESSAGE",
     "STAGE_RECORD",
+    "STATS_FILE",
+    "STEPS",
+    "STEP_MESSAGES",
+    "STEP_RECORD",
+    "WEIGHTS_FILE",
     "ProtocolError",
+    "Receipt",
     "StageReply",
     "StageRequest",
+    "StepReply",
+    "StepRequest",
     "check_file_array",
+    "check_payload_names",
     "metric_fields",
     "parse_reply",
     "parse_stage_fields",
+    "parse_step_fields",
+    "parse_step_result",
     "payload_bytes",
+    "payload_digest",
     "result_fields",
     "site_fields",
     "stage_fields",
+    "step_fields",
+    "step_result_fields",
 ]
 
 PROTOCOL_VERSION = 1
@@ -227,3 +246,225 @@ def parse_reply(result: Mapping[str, Any], metrics: Mapping[str, Any]) -> StageR
 def site_fields(site: str, modality: str) -> dict[str, Any]:
     """The ``site`` config record of a `query.site` reply: the site's name and modality (nothing about its data)."""
     return {"protocol": PROTOCOL_VERSION, "site": site, "modality": modality}
+
+
+# --- consortium stages (DESIGN §7) ----------------------------------------------------------------------------
+#
+# A consortium stage is a sequence of steps, each one message per site: ``train.round`` (FedAvg rounds),
+# ``query.stats`` (sufficient statistics), ``train.invert`` (the inversion site's candidates), ``query.gate``
+# (every other site's verdicts) and ``train.finalize`` (the inversion site signs the artifact). A request carries
+# ``step`` (config record, `step_fields`), ``payload`` (the step's inputs as raw safetensors files: weights,
+# statistics, candidates) and ``artifact`` (the parent artifact, until the site confirmed it holds it). A reply
+# carries ``payload`` (the step's outputs), ``artifact`` (finalize only) and ``receipt``: a JSON document naming
+# run, stage, step, round, site, the sha256 of what the site started from and of every payload file, and its
+# verdicts — signed with the site's key, so the coordinator accepts only what the enrolled site produced for this
+# very step.
+
+STEPS = ("round", "stats", "invert", "gate", "finalize")
+STEP_MESSAGES = {
+    "round": "train.round",
+    "stats": "query.stats",
+    "invert": "train.invert",
+    "gate": "query.gate",
+    "finalize": "train.finalize",
+}
+STEP_RECORD = "step"
+PAYLOAD_RECORD = "payload"
+RECEIPT_RECORD = "receipt"
+WEIGHTS_FILE = "weights.safetensors"
+STATS_FILE = "stats.safetensors"
+CANDIDATES_FILE = "candidates.safetensors"
+PAYLOAD_FILES = (WEIGHTS_FILE, STATS_FILE, CANDIDATES_FILE)
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One consortium step asked of one site (a `train.round` / `query.stats` / ... message in plain types)."""
+
+    step: str  # one of STEPS
+    run_id: str
+    stage_index: int
+    site: str
+    modality: str | None
+    profile: str
+    settings: dict[str, Any]
+    attempt: int
+    round: int = 0  # 1-based round of a `round` step
+    rounds: int = 1
+    local_steps: int | None = None
+    local_epochs: int = 1
+    num_images: int = 0  # candidates to synthesise (`invert`)
+    verdicts: dict[str, list[bool]] = field(default_factory=dict)  # site -> per-candidate verdicts (`finalize`)
+    parent_sha256: str | None = None
+    parent_site: str | None = None
+    parent_parent_sha256: str | None = None
+    parent_public_key: str | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # the parent artifact (empty once the site holds it)
+    payload: dict[str, bytes] = field(default_factory=dict)  # the step's inputs
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a site signs about one step it ran."""
+
+    run_id: str
+    stage_index: int
+    step: str
+    round: int
+    site: str
+    base_sha256: str  # sha256 of the request's payload the site started from (`payload_digest`)
+    files: dict[str, str]  # reply payload file -> sha256
+    num_examples: int = 0  # the site's training samples (FedAvg weight, candidate count)
+    metrics: dict[str, float] = field(default_factory=dict)  # loss, seconds, tokens: no patient data
+    verdicts: list[bool] = field(default_factory=list)  # `invert` / `gate`: pass (True) or block per candidate
+
+    def to_bytes(self) -> bytes:
+        """The canonical JSON that is signed."""
+        return json.dumps({"protocol": PROTOCOL_VERSION, **self.__dict__}, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Receipt:
+        """Parse a receipt.
+
+        Raises:
+            ProtocolError: for malformed JSON, another protocol version or missing fields.
+        """
+        try:
+            fields = json.loads(data)
+            if fields.pop("protocol", None) != PROTOCOL_VERSION:
+                raise ProtocolError(f"receipt of another protocol version; expected {PROTOCOL_VERSION}")
+            receipt = cls(**fields)
+        except (ValueError, TypeError) as err:
+            raise ProtocolError(f"malformed receipt: {err}") from None
+        if receipt.step not in STEPS or not all(isinstance(v, bool) for v in receipt.verdicts):
+            raise ProtocolError("malformed receipt: unknown step or verdicts that are not booleans")
+        return receipt
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """A site's answer to a consortium step."""
+
+    status: str  # "ok", "refused" or "failed", as for stages
+    error: str = ""
+    payload: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # the signed stage artifact (`finalize`)
+    receipt: bytes = b""
+    signature: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def payload_digest(payload: Mapping[str, bytes]) -> str:
+    """sha256 over the sorted (name, sha256 of bytes) pairs of a payload: what a receipt's `base_sha256` names."""
+    lines = "".join(f"{name}:{hashlib.sha256(payload[name]).hexdigest()}\n" for name in sorted(payload))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def check_payload_names(payload: Mapping[str, bytes]) -> None:
+    """Accept only the known payload file names.
+
+    Raises:
+        ProtocolError: for any other name.
+    """
+    unknown = sorted(set(payload) - set(PAYLOAD_FILES))
+    if unknown:
+        raise ProtocolError(f"unexpected payload files {unknown}")
+
+
+def step_fields(request: StepRequest) -> dict[str, Any]:
+    """The ``step`` config record of a consortium request."""
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "step": request.step,
+        "run_id": request.run_id,
+        "stage_index": request.stage_index,
+        "site": request.site,
+        "modality": request.modality or "",
+        "profile": request.profile,
+        "settings": json.dumps(request.settings, sort_keys=True),
+        "attempt": request.attempt,
+        "round": request.round,
+        "rounds": request.rounds,
+        "local_steps": request.local_steps or 0,
+        "local_epochs": request.local_epochs,
+        "num_images": request.num_images,
+        "verdicts": json.dumps(request.verdicts, sort_keys=True),
+        "parent_sha256": request.parent_sha256 or "",
+        "parent_site": request.parent_site or "",
+        "parent_parent_sha256": request.parent_parent_sha256 or "",
+        "parent_public_key": request.parent_public_key or "",
+    }
+
+
+def parse_step_fields(fields: Mapping[str, Any]) -> StepRequest:
+    """Decode a ``step`` config record (the codec adds the files and payload).
+
+    Raises:
+        ProtocolError: for another protocol version, an unknown step or malformed fields.
+    """
+    base = parse_stage_fields(fields)
+    step = _str(fields, "step")
+    if step not in STEPS:
+        raise ProtocolError(f"unknown consortium step {step!r}")
+    try:
+        verdicts = json.loads(str(fields.get("verdicts", "{}")))
+        numbers = {k: int(fields.get(k, d)) for k, d in (("round", 0), ("rounds", 1), ("local_steps", 0))}
+        local_epochs, num_images = int(fields.get("local_epochs", 1)), int(fields.get("num_images", 0))
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"malformed step record: {err}") from None
+    if not isinstance(verdicts, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, bool) for x in v) for v in verdicts.values()
+    ):
+        raise ProtocolError("step verdicts must map site names to lists of booleans")
+    return StepRequest(
+        step=step,
+        run_id=base.run_id,
+        stage_index=base.stage_index,
+        site=base.site,
+        modality=base.modality,
+        profile=base.profile,
+        settings=base.settings,
+        attempt=base.attempt,
+        round=numbers["round"],
+        rounds=max(1, numbers["rounds"]),
+        local_steps=numbers["local_steps"] or None,
+        local_epochs=max(1, local_epochs),
+        num_images=max(0, num_images),
+        verdicts={str(k): list(v) for k, v in verdicts.items()},
+        parent_sha256=base.parent_sha256,
+        parent_site=base.parent_site,
+        parent_parent_sha256=base.parent_parent_sha256,
+        parent_public_key=base.parent_public_key,
+    )
+
+
+def step_result_fields(reply: StepReply) -> dict[str, Any]:
+    """The ``receipt`` config record of a step reply: status, error, the signed receipt and its signature."""
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "status": reply.status,
+        "error": reply.error,
+        "receipt": reply.receipt.decode(),
+        "signature": reply.signature.hex(),
+    }
+
+
+def parse_step_result(fields: Mapping[str, Any]) -> StepReply:
+    """Decode a step reply's ``receipt`` record (the codec adds payload and files).
+
+    Raises:
+        ProtocolError: for an unknown status or a malformed signature.
+    """
+    status = _str(fields, "status")
+    if status not in REPLY_STATUSES:
+        raise ProtocolError(f"unknown reply status {status!r}")
+    try:
+        signature = bytes.fromhex(_str(fields, "signature"))
+    except ValueError:
+        raise ProtocolError("the receipt signature is not hex") from None
+    return StepReply(
+        status=status, error=_str(fields, "error"), receipt=_str(fields, "receipt").encode(), signature=signature
+    )

@@ -6,10 +6,13 @@ aggregates play that role for the inversion's L_norm. They are aggregates over m
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from invcoss_core.models import MultiModalMAE
 
@@ -79,21 +82,125 @@ class FeatureStatsRecorder:
         """Tokens recorded per block."""
         return self._count
 
+    def sufficient(self) -> SufficientStats:
+        """What was recorded as exact sums (float64): poolable across sites."""
+        return SufficientStats(self.modality, self._count, self._sum.cpu().clone(), self._sumsq.cpu().clone())
+
     def result(self) -> dict[str, torch.Tensor]:
         """The statistics as float32 tensors keyed by `stat_key`, plus `<modality>.tokens` (count).
 
         Raises:
             RuntimeError: when nothing was recorded.
         """
-        if self._count == 0:
+        return self.sufficient().to_stats()
+
+
+@dataclass(frozen=True)
+class SufficientStats:
+    """Token count and per-channel sums of one modality's block inputs: sites' values add up exactly.
+
+    sum / sumsq: (depth, D) float64. Pooling several sites' values and then taking mean and variance gives the
+    statistics of the union of their images (up to float rounding), without any site revealing a token.
+    """
+
+    modality: str
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    def __add__(self, other: SufficientStats) -> SufficientStats:
+        if other.modality != self.modality or other.sum.shape != self.sum.shape:
+            raise ValueError(
+                f"cannot pool statistics of {other.modality} {tuple(other.sum.shape)} with "
+                f"{self.modality} {tuple(self.sum.shape)}"
+            )
+        return SufficientStats(self.modality, self.count + other.count, self.sum + other.sum, self.sumsq + other.sumsq)
+
+    def to_stats(self) -> dict[str, torch.Tensor]:
+        """Mean and variance per block as float32 tensors keyed by `stat_key`, plus `<modality>.tokens`.
+
+        Raises:
+            RuntimeError: when the count is 0.
+        """
+        if self.count <= 0:
             raise RuntimeError(f"no feature statistics were recorded for {self.modality}")
-        mean = self._sum.cpu() / self._count
-        var = (self._sumsq.cpu() / self._count - mean.pow(2)).clamp_min(0.0)
-        out: dict[str, torch.Tensor] = {f"{self.modality}.tokens": torch.tensor([float(self._count)])}
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean.pow(2)).clamp_min(0.0)
+        out: dict[str, torch.Tensor] = {f"{self.modality}.tokens": torch.tensor([float(self.count)])}
         for block in range(mean.shape[0]):
             out[stat_key(self.modality, block, "mean")] = mean[block].float()
             out[stat_key(self.modality, block, "var")] = var[block].float()
         return out
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The wire form (safetensors): `<modality>.count` (1,), `.sum` and `.sumsq` (depth, D) float64."""
+        return {
+            f"{self.modality}.count": torch.tensor([self.count], dtype=torch.int64),
+            f"{self.modality}.sum": self.sum.to(torch.float64),
+            f"{self.modality}.sumsq": self.sumsq.to(torch.float64),
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], modality: str, depth: int, width: int
+    ) -> SufficientStats:
+        """Parse the wire form, checking names, shapes and values.
+
+        Raises:
+            ValueError: for missing keys, wrong shapes, a negative count or non-finite sums.
+        """
+        expected = {f"{modality}.count", f"{modality}.sum", f"{modality}.sumsq"}
+        if set(tensors) != expected:
+            raise ValueError(f"sufficient statistics must hold exactly {sorted(expected)}, got {sorted(tensors)}")
+        count = tensors[f"{modality}.count"]
+        total, sumsq = tensors[f"{modality}.sum"].to(torch.float64), tensors[f"{modality}.sumsq"].to(torch.float64)
+        if count.numel() != 1 or int(count.item()) < 0:
+            raise ValueError("the token count must be one non-negative integer")
+        if total.shape != (depth, width) or sumsq.shape != (depth, width):
+            raise ValueError(f"sums must have shape ({depth}, {width}), got {tuple(total.shape)}")
+        if not bool(torch.isfinite(total).all() and torch.isfinite(sumsq).all()):
+            raise ValueError("sufficient statistics hold NaN or inf")
+        return cls(modality, int(count.item()), total, sumsq)
+
+
+def content_keyed_noise(x: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B, L) masking noise drawn from a seed that is a hash of each sample's own bytes.
+
+    A sample then gets the same mask whatever batch, order or site it is seen in, so statistics recorded under
+    masking add up exactly across sites (`record_sufficient_stats`).
+    """
+    rows = []
+    for sample in x.detach().to("cpu", torch.float32).contiguous():
+        digest = hashlib.sha256(sample.numpy().tobytes()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+        rows.append(torch.rand(num_patches, generator=generator))
+    return torch.stack(rows).to(x.device)
+
+
+@torch.no_grad()
+def record_sufficient_stats(
+    model: MultiModalMAE,
+    data: Dataset[torch.Tensor],
+    modality: str,
+    device: torch.device | str,
+    batch_size: int = 64,
+) -> SufficientStats:
+    """Feed `data` once through the masked encoder (content-keyed masks) and return the exact token sums.
+
+    Args:
+        data: (C, *img_size) samples of `modality`; they are read, never kept or returned.
+    Returns:
+        SufficientStats of the block inputs (what a consortium site sends instead of its images).
+    """
+    device = torch.device(device)
+    recorder = FeatureStatsRecorder(model, modality)
+    model.eval()
+    length = model.spec(modality).num_patches
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x = batch.to(device)
+        with recorder.recording():
+            model.forward_encoder(x, modality, noise=content_keyed_noise(x, length))
+    return recorder.sufficient()
 
 
 def modality_stats(stats: Mapping[str, torch.Tensor], modality: str, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

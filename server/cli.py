@@ -172,14 +172,15 @@ def status(
         sys.stdout.write(json.dumps(state.model_dump(mode="json"), indent=2) + "\n")
         return
     table = Table(title=f"run {state.run_id}: {state.status}")
-    for column in ("stage", "site", "modality", "status", "attempts", "seconds", "artifact"):
+    for column in ("stage", "site", "modality", "status", "rounds", "attempts", "seconds", "artifact"):
         table.add_column(column)
     for s in state.stages:
         table.add_row(
             str(s.index),
-            s.site,
+            ", ".join(s.sites) if s.sites else s.site,
             s.modality or "-",
-            s.status,
+            s.status + (f" ({s.phase})" if s.sites and s.phase and s.status != "done" else ""),
+            str(len(s.rounds)) if s.sites else "-",
             str(s.attempts),
             f"{s.seconds:.1f}" if s.seconds is not None else "-",
             (s.artifact_sha256 or "-")[:16],
@@ -188,8 +189,18 @@ def status(
     if state.error:
         console.print(f"[red]error:[/] {state.error}")
     for s in state.stages:
+        for r in s.rounds:
+            contributions = ", ".join(
+                f"{site} {v.num_examples} samples loss {v.loss:.4f}" for site, v in sorted(r.sites.items())
+            )
+            missing = f"; missing {', '.join(f'{k} ({v})' for k, v in r.missing.items())}" if r.missing else ""
+            console.print(f"stage {s.index} round {r.round}: {contributions}{missing}", soft_wrap=True)
+        for site, verdict in sorted(s.gate_verdicts.items()):
+            console.print(
+                f"stage {s.index} gate at {site}: {verdict['blocked']} of {verdict['checked']} candidates blocked"
+            )
         for line in s.errors:
-            console.print(f"stage {s.index}: {line}")
+            console.print(f"stage {s.index}: {line}", soft_wrap=True)
 
 
 def main() -> None:

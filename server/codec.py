@@ -12,25 +12,37 @@ import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from invcoss_core.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
     METRICS_RECORD,
+    PAYLOAD_RECORD,
     PROTOCOL_VERSION,
     QUERY_MESSAGE,
+    RECEIPT_RECORD,
     RESULT_RECORD,
     SITE_RECORD,
     STAGE_MESSAGE,
     STAGE_RECORD,
+    STEP_MESSAGES,
+    STEP_RECORD,
     ProtocolError,
     StageReply,
     StageRequest,
+    StepReply,
+    StepRequest,
     check_file_array,
+    check_payload_names,
     parse_reply,
+    parse_step_result,
     stage_fields,
+    step_fields,
 )
 
 __all__ = [
@@ -50,9 +62,12 @@ __all__ = [
     "StageReply",
     "StageRequest",
     "build_stage_message",
+    "build_step_message",
     "describe_nodes",
+    "fedavg",
     "files_to_record",
     "parse_stage_reply",
+    "parse_step_reply",
     "record_to_files",
 ]
 
@@ -61,11 +76,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Received:
-    """One reply pulled from the SuperLink: a stage reply, or a transport-level error."""
+    """One reply pulled from the SuperLink: a stage reply, a consortium step reply, or a transport-level error."""
 
     reply_to: str
     reply: StageReply | None
     error: str | None  # Flower error (node unavailable, ClientApp exception, ttl expired)
+    step: StepReply | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,75 @@ def parse_stage_reply(message: Message) -> StageReply:
     return dataclasses.replace(reply, files=files)
 
 
+def build_step_message(request: StepRequest, node_id: int, ttl: float) -> Message:
+    """The message of one consortium step for one site (its type names the step, e.g. `train.round`)."""
+    content = RecordDict(
+        {
+            ARTIFACT_RECORD: files_to_record(request.files),
+            PAYLOAD_RECORD: files_to_record(request.payload),
+            STEP_RECORD: ConfigRecord(step_fields(request)),
+        }
+    )
+    return Message(
+        content,
+        dst_node_id=node_id,
+        message_type=STEP_MESSAGES[request.step],
+        group_id=f"{request.run_id}/stage-{request.stage_index}/{request.step}-{request.round}",
+        ttl=ttl,
+    )
+
+
+def parse_step_reply(message: Message) -> StepReply:
+    """Decode a site's reply to a consortium step (receipt, payload, artifact).
+
+    Raises:
+        ProtocolError: when records are missing or malformed.
+    """
+    content = message.content
+    if RECEIPT_RECORD not in content.config_records:
+        raise ProtocolError("the reply has no 'receipt' record")
+    reply = parse_step_result(content.config_records[RECEIPT_RECORD])
+    records = content.array_records
+    payload = record_to_files(records[PAYLOAD_RECORD]) if PAYLOAD_RECORD in records else {}
+    check_payload_names(payload)
+    files = record_to_files(records[ARTIFACT_RECORD]) if ARTIFACT_RECORD in records else {}
+    return dataclasses.replace(reply, payload=payload, files=files)
+
+
+FEDAVG_WEIGHT = "num-examples"
+
+
+def fedavg(contributions: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """Flower's FedAvg aggregation (`aggregate_arrayrecords`) of (state dict, sample count) pairs.
+
+    Each site's verified weights become an ArrayRecord beside a MetricRecord holding its sample count, exactly
+    what Flower's `FedAvg.aggregate_train` averages; the result comes back as float32 CPU tensors with the
+    first contribution's dtypes.
+
+    Raises:
+        ValueError: for no contributions, a non-positive total weight or mismatched keys.
+    """
+    if not contributions:
+        raise ValueError("nothing to aggregate")
+    keys = set(contributions[0][0])
+    if any(set(weights) != keys for weights, _ in contributions):
+        raise ValueError("the sites' weights do not have the same parameter names")
+    if sum(n for _, n in contributions) <= 0:
+        raise ValueError("the sites' sample counts add up to zero")
+    records = [
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v.detach().cpu().float().numpy()) for k, v in weights.items()}),
+                "metrics": MetricRecord({FEDAVG_WEIGHT: float(n)}),
+            }
+        )
+        for weights, n in contributions
+    ]
+    averaged = aggregate_arrayrecords(records, FEDAVG_WEIGHT)
+    reference = contributions[0][0]
+    return {k: torch.from_numpy(np.ascontiguousarray(averaged[k].numpy())).to(reference[k].dtype) for k in reference}
+
+
 # Flower's error codes (flwr.common.constant.ErrorCode) in operator terms.
 _FLOWER_ERRORS = {
     1: "the site could not load its ClientApp (is invcoss installed on the site?)",
@@ -148,6 +233,8 @@ def _received(message: Message) -> Received:
         meaning = _FLOWER_ERRORS.get(int(err.code), "transport error")
         return Received(reply_to, None, f"{meaning} [Flower error {err.code}: {err.reason}]")
     try:
+        if RECEIPT_RECORD in message.content.config_records:
+            return Received(reply_to, None, None, step=parse_step_reply(message))
         return Received(reply_to, parse_stage_reply(message), None)
     except ProtocolError as err:
         return Received(reply_to, None, f"malformed reply: {err}")
@@ -182,6 +269,17 @@ class FlowerGrid:
         ids = list(self._grid.push_messages([message]))
         if not ids or not ids[0]:
             raise ProtocolError(f"the SuperLink refused the stage {request.stage_index} message")
+        return str(ids[0])
+
+    def send_step(self, node_id: int, request: StepRequest, ttl: float) -> str:
+        """Push one consortium step request; returns its message id.
+
+        Raises:
+            ProtocolError: when the SuperLink did not accept the message.
+        """
+        ids = list(self._grid.push_messages([build_step_message(request, node_id, ttl)]))
+        if not ids or not ids[0]:
+            raise ProtocolError(f"the SuperLink refused the {request.step} message of stage {request.stage_index}")
         return str(ids[0])
 
     def receive(self, message_ids: Collection[str]) -> list[Received]:

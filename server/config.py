@@ -12,6 +12,13 @@ Layout (paths are relative to the TOML file's folder)::
     [[stages]]                    # in order: site, optional modality, optional per-stage overrides
     site = "A"
     modality = "ct"
+    [[stages]]                    # a consortium stage: FedAvg rounds across hospitals of one modality
+    sites = ["B1", "B2"]
+    modality = "mri"
+    rounds = 3                    # FedAvg rounds; local_steps (or local_epochs) of training per site and round
+    local_steps = 50
+    min_sites = 1                 # a round counts when this many sites answered (default: all)
+    inversion_site = "B1"         # inverts the aggregated model and signs the stage's artifact (default: first)
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ class RetrySettings(_Frozen):
     stage_timeout_s: float = Field(3600.0, gt=0)  # longest wait for one attempt's reply
     message_ttl_s: float | None = Field(None, gt=0)  # Flower message ttl; default stage_timeout_s + 600
     node_wait_s: float = Field(600.0, gt=0)  # how long a stage waits for its site to come online
+    all_sites_wait_s: float = Field(30.0, ge=0)  # consortium rounds: wait this long for every site, then go on
+    # with at least min_sites
     poll_interval_s: float = Field(1.0, gt=0)
     serverapp_restarts: int = Field(3, ge=0)  # resubmissions of a ServerApp that died mid-plan
 
@@ -111,16 +120,43 @@ class MetricsSettings(_Frozen):
 
 
 class StagePlan(_Frozen):
-    """One stage of the plan: which site trains, on which modality, with which extra settings."""
+    """One stage of the plan: which site(s) train, on which modality, with which extra settings.
 
-    site: str
-    modality: str | None = None  # when set, the site must train this modality
+    `site = "A"` is a one-site stage (today's hand-off). `sites = ["A1", "A2"]` is a consortium stage (DESIGN §7):
+    `rounds` FedAvg rounds of `local_steps` steps (or `local_epochs` passes over each site's images) per site,
+    completed when at least `min_sites` sites answered; `inversion_site` (default the first) inverts the
+    aggregated model and signs the stage's artifact.
+    """
+
+    site: str | None = None
+    sites: list[str] | None = None
+    modality: str | None = None  # when set, the site(s) must train this modality
+    rounds: int = Field(1, ge=1)  # FedAvg rounds (consortium stages)
+    local_steps: int | None = Field(None, gt=0)  # optimiser steps per site per round; None: local_epochs
+    local_epochs: int = Field(1, gt=0)  # with local_steps unset: passes over the site's images per round
+    min_sites: int | None = Field(None, ge=1)  # sites that must answer for a round to count; None: all
+    inversion_site: str | None = None  # the site that inverts and signs; None: the first of `sites`
+    secure_aggregation: bool = False  # see docs/federation.md: not offered with Flower 1.42 (refused)
     overrides: dict[str, Any] = Field(default_factory=dict)  # StageConfig overrides for this stage only
 
     @field_validator("site")
     @classmethod
-    def _site(cls, value: str) -> str:
-        return check_site_name(value)
+    def _site(cls, value: str | None) -> str | None:
+        return check_site_name(value) if value is not None else None
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("'sites' must name at least one site")
+        for name in value:
+            check_site_name(name)
+        duplicates = sorted({n for n in value if value.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"'sites' names {', '.join(duplicates)} more than once")
+        return value
 
     @field_validator("modality")
     @classmethod
@@ -128,6 +164,49 @@ class StagePlan(_Frozen):
         if value is not None and value not in MODALITIES:
             raise ValueError(f"modality {value!r} is not one of {', '.join(MODALITIES)}")
         return value
+
+    @model_validator(mode="after")
+    def _consortium(self) -> StagePlan:
+        if (self.site is None) == (self.sites is None):
+            raise ValueError("give exactly one of 'site' (one site) or 'sites' (a consortium stage)")
+        names = self.site_names
+        if self.min_sites is not None and self.min_sites > len(names):
+            raise ValueError(f"'min_sites' = {self.min_sites} is larger than the {len(names)} site(s) of the stage")
+        if self.inversion_site is not None and self.inversion_site not in names:
+            raise ValueError(
+                f"'inversion_site' = {self.inversion_site!r} is not one of the stage's sites ({', '.join(names)})"
+            )
+        if self.secure_aggregation:
+            raise ValueError(
+                "'secure_aggregation' is not available: Flower 1.42's SecAgg+ works only with its legacy "
+                "strategy workflow and numeric-only parameters, not with this plan's signed Message API rounds "
+                "(docs/federation.md, 'Secure aggregation'); remove the key"
+            )
+        if self.sites is not None and self.modality is None:
+            raise ValueError("a consortium stage ('sites = [...]') must say its 'modality'")
+        if self.sites is None and (self.rounds > 1 or self.local_steps is not None or self.min_sites is not None):
+            raise ValueError("'rounds', 'local_steps' and 'min_sites' need 'sites = [...]' (a consortium stage)")
+        return self
+
+    @property
+    def site_names(self) -> list[str]:
+        """The stage's sites in order (one for a one-site stage)."""
+        return list(self.sites) if self.sites is not None else [self.site or ""]
+
+    @property
+    def is_consortium(self) -> bool:
+        """True when the stage runs FedAvg rounds (a `sites = [...]` stage, even of one site)."""
+        return self.sites is not None
+
+    @property
+    def signer(self) -> str:
+        """The site that signs the stage's artifact: the inversion site (or the one site)."""
+        return self.inversion_site or self.site_names[0]
+
+    @property
+    def required_sites(self) -> int:
+        """Sites that must answer for a round to count."""
+        return self.min_sites or len(self.site_names)
 
 
 class FederationConfig(_Frozen):
@@ -141,6 +220,21 @@ class FederationConfig(_Frozen):
     retry: RetrySettings = Field(default_factory=lambda: RetrySettings())
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
     stages: list[StagePlan] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _site_once_per_modality(self) -> FederationConfig:
+        seen: dict[str, tuple[int, str | None]] = {}
+        for index, stage in enumerate(self.stages, start=1):
+            for name in stage.site_names:
+                if name in seen:
+                    first, modality = seen[name]
+                    if modality is None or stage.modality is None or modality == stage.modality:
+                        raise ValueError(
+                            f"stages.{index}: site {name!r} is also in stage {first}; a site may join two stages "
+                            "only for two different modalities (set 'modality' on both)"
+                        )
+                seen[name] = (index, stage.modality)
+        return self
 
     def stage_overrides(self, index: int) -> dict[str, Any]:
         """The StageConfig overrides sent to the site of stage `index` (1-based): defaults, then the stage's."""
@@ -185,7 +279,9 @@ def parse_federation_config(data: dict[str, Any], source: str, base_dir: Path) -
         try:
             stage_cfg = cfg.stage_config(index)
         except ConfigError as err:
-            raise ConfigError(f"{source}: [[stages]] #{index} (site {stage.site}) — {err}") from None
+            raise ConfigError(f"{source}: [[stages]] #{index} (site {', '.join(stage.site_names)}) — {err}") from None
+        if stage.is_consortium and stage_cfg.replay.strategy not in ("none", "ewc", "inversion", "pixel_inversion"):
+            raise ConfigError(f"{source}: [[stages]] #{index}: replay {stage_cfg.replay.strategy!r} in a consortium")
         if stage_cfg.replay.strategy == "real_buffer":
             raise ConfigError(
                 f"{source}: 'replay.strategy' = 'real_buffer' ships real images; sites refuse it. "

@@ -82,7 +82,7 @@ def check_ready(config: FederationConfig, layout: StateLayout) -> None:
             f"TLS certificates missing in {config.superlink.certs_dir}; create them with "
             "`invcoss-server certs --config federation.toml`"
         )
-    missing = sorted({s.site for s in config.stages if not layout.enrolled_key(s.site).is_file()})
+    missing = sorted({n for s in config.stages for n in s.site_names if not layout.enrolled_key(n).is_file()})
     if missing and config.superlink.node_auth:
         raise CoordinatorError(
             f"sites {', '.join(missing)} of the plan are not enrolled; for each run "
@@ -311,6 +311,12 @@ def _progress_line(state: RunState) -> str:
     current = state.next_stage()
     if current is None:
         return f"{done}/{len(state.stages)} stages done"
+    if current.sites:
+        rounds = f", {len(current.rounds)} round(s) done" + (f", {current.phase}" if current.phase else "")
+        return (
+            f"{done}/{len(state.stages)} stages done; stage {current.index} at sites {', '.join(current.sites)}: "
+            f"{current.status}{rounds}"
+        )
     return (
         f"{done}/{len(state.stages)} stages done; stage {current.index} at site {current.site}: {current.status} "
         f"(attempt {max(current.attempts, 1)})"
@@ -329,8 +335,27 @@ def _describe(event: dict[str, Any], total: int) -> str | None:
             f"stage {event['stage']}/{total} done at site {event['site']} in {event['seconds']:.1f} s "
             f"({event['bytes_in']} bytes back{', reused' if event.get('reused') else ''})"
         )
+    if kind == "round_done":
+        sites = ", ".join(f"{k} n={v['num_examples']} loss={v['loss']:.4f}" for k, v in event["sites"].items())
+        missing = f"; missing {', '.join(event['missing'])}" if event.get("missing") else ""
+        return f"stage {event['stage']}/{total} round {event['round']}/{event['rounds']} averaged: {sites}{missing}"
+    if kind == "stats_pooled":
+        return f"stage {event['stage']}/{total}: feature statistics pooled from {', '.join(event['sites'])}"
+    if kind == "candidates":
+        return (
+            f"stage {event['stage']}/{total}: {event['images']} candidate images from site {event['site']} "
+            f"({event['blocked']} blocked by its own gate)"
+        )
+    if kind == "gate_verdicts":
+        return f"stage {event['stage']}/{total}: site {event['site']} blocked {event['blocked']} of {event['checked']}"
+    if kind == "step_refused":
+        return f"stage {event['stage']} {event['step']}: site {event['site']} did not count: {event['error']}"
     if kind == "stage_failed_attempt":
         return f"stage {event['stage']} attempt failed: {event['error']}"
+    if kind == "stage_retry" and "step" in event:
+        return (
+            f"retrying stage {event['stage']} {event['step']} in {event['wait_s']:.0f} s (attempt {event['attempt']})"
+        )
     if kind == "stage_retry":
         return f"retrying stage {event['stage']} in {event['wait_s']:.0f} s (attempt {event['attempt']})"
     if kind == "artifact_refused":

@@ -23,12 +23,14 @@ import typer
 
 from invcoss_core.artifact import ArtifactError, check_lineage, decode_artifact, read_artifact_files
 from invcoss_core.cli_support import fail, timestamped
+from invcoss_core.config import MODALITIES
 from invcoss_core.eventlog import EventTailer
 from invcoss_core.signing import load_public_key
-from server.localfed import FederationError, LocalFederation, LocalSite
+from server.localfed import FederationError, LocalFederation, LocalSite, split_by_subject
 from server.state import StateLayout
 
 DEMO_SITES: tuple[tuple[str, str], ...] = (("A", "ct"), ("B", "mri"), ("C", "pathology"))
+CONSORTIUM_ROUNDS = 2  # FedAvg rounds of each consortium stage in the demo (`--sites ct=2,...`)
 
 # Stage settings per demo profile (StageConfig overrides on top of the profile preset). `tiny` is sized so the
 # whole federated run, start-up included, finishes in a few minutes on 2 CPU cores.
@@ -42,6 +44,58 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "small": {"replay": {"strategy": "inversion"}, "train": {"epochs": 5}},
     "base": {"replay": {"strategy": "inversion"}},
 }
+
+
+class TopologyError(ValueError):
+    """A `--sites` value that does not describe a consortium; the message says what to write."""
+
+
+def parse_topology(spec: str) -> list[tuple[str, int]]:
+    """`ct=2,mri=2,pathology=1` → [(ct, 2), (mri, 2), (pathology, 1)]: stages in order, sites per stage.
+
+    Raises:
+        TopologyError: for an unknown modality, a repeated one, or a count that is not a positive integer.
+    """
+    topology: list[tuple[str, int]] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        modality, sep, count = part.partition("=")
+        modality = modality.strip()
+        if not sep or modality not in MODALITIES or not count.strip().isdigit() or int(count) < 1:
+            raise TopologyError(
+                f"--sites: {part!r} must be MODALITY=COUNT with MODALITY one of {', '.join(MODALITIES)} and "
+                "COUNT ≥ 1, e.g. --sites ct=2,mri=2,pathology=1"
+            )
+        if modality in {m for m, _ in topology}:
+            raise TopologyError(f"--sites names {modality} twice; give each modality once, in stage order")
+        topology.append((modality, int(count)))
+    if not topology:
+        raise TopologyError("--sites is empty; e.g. --sites ct=2,mri=2,pathology=1")
+    return topology
+
+
+def consortium_plan(
+    samples: Path, topology: list[tuple[str, int]], data_root: Path, rounds: int = CONSORTIUM_ROUNDS
+) -> tuple[list[LocalSite], list[dict[str, Any]]]:
+    """Sites and `[[stages]]` of a consortium demo: each modality's samples shared by subject among its sites.
+
+    Sites are named `<modality><n>` (e.g. ct1, ct2); a modality with one site is a one-site stage, with several a
+    consortium stage of `rounds` FedAvg rounds.
+
+    Raises:
+        FederationError: when a modality has fewer subjects than sites.
+    """
+    sites: list[LocalSite] = []
+    stages: list[dict[str, Any]] = []
+    for modality, count in topology:
+        if count == 1:
+            sites.append(LocalSite(f"{modality}1", modality, samples / modality))
+            stages.append({"site": f"{modality}1", "modality": modality})
+            continue
+        roots = split_by_subject(samples / modality, count, data_root, modality)
+        names = [f"{modality}{i + 1}" for i in range(count)]
+        sites += [LocalSite(name, modality, root) for name, root in zip(names, roots)]
+        stages.append({"sites": names, "modality": modality, "rounds": rounds})
+    return sites, stages
 
 
 def probe_tls(address: str, ca_cert: Path) -> dict[str, Any]:
@@ -154,6 +208,18 @@ def build_report(
             {
                 "index": s["index"],
                 "site": s["site"],
+                "sites": s.get("sites") or [s["site"]],
+                "rounds": [
+                    {
+                        "round": r["round"],
+                        "sites": {k: {"samples": v["num_examples"], "loss": v["loss"]} for k, v in r["sites"].items()},
+                        "missing": r.get("missing", {}),
+                        "seconds": r.get("seconds"),
+                        "bytes_out": r.get("bytes_out"),
+                    }
+                    for r in s.get("rounds", [])
+                ],
+                "gate_verdicts": s.get("gate_verdicts", {}),
                 "modality": s.get("modality"),
                 "status": s["status"],
                 "attempts": s.get("attempts"),
@@ -206,17 +272,32 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# InvCoSS federated demo — run `{report['run_id']}`",
         "",
         f"Status **{report['status']}**, profile `{report['profile']}`, wall time {report['wall_seconds']} s "
-        "(certificates, keys, coordinator, three sites, three stages, audit).",
+        f"(certificates, keys, coordinator, {sum(len(s['sites']) for s in report['stages'])} sites, "
+        f"{len(report['stages'])} stages, audit).",
         "",
-        "| stage | site | modality | status | seconds | bytes out of site | synthetic | gate checked/blocked |",
+        "| stage | site(s) | modality | status | seconds | bytes out of site | synthetic | gate checked/blocked |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in report["stages"]:
         g = s["privacy_gate"]
+        sites = ", ".join(s["sites"]) + (f" (signed by {s['site']})" if len(s["sites"]) > 1 else "")
         lines.append(
-            f"| {s['index']} | {s['site']} | {s['modality']} | {s['status']} | {s['seconds']} | {s['bytes_out']} | "
+            f"| {s['index']} | {sites} | {s['modality']} | {s['status']} | {s['seconds']} | {s['bytes_out']} | "
             f"{s['synthetic_count']} | {g['checked']}/{g['blocked']} |"
         )
+    consortium = [s for s in report["stages"] if s["rounds"]]
+    if consortium:
+        lines += ["", "## Consortium stages: FedAvg rounds and the all-site gate", ""]
+        for s in consortium:
+            for r in s["rounds"]:
+                parts = ", ".join(f"{k}: {v['samples']} samples, loss {v['loss']:.4f}" for k, v in r["sites"].items())
+                missing = f"; left out: {', '.join(r['missing'])}" if r["missing"] else ""
+                lines.append(f"- stage {s['index']} round {r['round']}: {parts}{missing} ({r['seconds']} s)")
+            for site, v in sorted(s["gate_verdicts"].items()):
+                lines.append(
+                    f"- stage {s['index']} gate at site {site}: blocked {v['blocked']} of {v['checked']} candidates "
+                    "(verdicts only left the site)"
+                )
     sec, audit = report["security"], report["audit"]
     lines += [
         "",
@@ -243,8 +324,17 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, profile: str, say: Callable[[str], None], timeout_s: float = 3600.0) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    profile: str,
+    say: Callable[[str], None],
+    timeout_s: float = 3600.0,
+    topology: list[tuple[str, int]] | None = None,
+) -> dict[str, Any]:
     """Run the demo federation and write the report; returns report.json's content.
+
+    Args:
+        topology: `parse_topology(--sites)`; None: sites A (CT), B (MRI), C (pathology), one stage each.
 
     Raises:
         FederationTimeoutError: when the run does not finish in `timeout_s`.
@@ -256,20 +346,26 @@ def run_demo(out: Path, profile: str, say: Callable[[str], None], timeout_s: flo
     out.mkdir(parents=True, exist_ok=True)
     samples = fetch_samples(progress=False)
     say(f"sample data: {samples}")
-    sites = [LocalSite(name, modality, samples / modality) for name, modality in DEMO_SITES]
+    stages: list[dict[str, Any]] | None = None
+    if topology is None:
+        sites = [LocalSite(name, modality, samples / modality) for name, modality in DEMO_SITES]
+    else:
+        sites, stages = consortium_plan(samples, topology, out / "site-data")
     fed = LocalFederation(
         out / "federation",
         sites,
         profile=profile,
         defaults=DEMO_DEFAULTS.get(profile, DEMO_DEFAULTS["tiny"]),
         retry={"stage_timeout_s": 3600.0},
+        stages=stages,
     )
     tls: dict[str, Any] = {}
     with fed:
         fed.setup()
         say(f"certificates in {fed.certs_dir}; site keys enrolled: {', '.join(s.name for s in sites)}")
         fed.start_all()
-        say("coordinator and sites A (CT), B (MRI), C (pathology) started on 127.0.0.1; logs in " + str(fed.logs))
+        names = ", ".join(f"{site.name} ({site.modality})" for site in sites)
+        say(f"coordinator and sites {names} started on 127.0.0.1; logs in {fed.logs}")
         progress = _Progress(fed, say)
 
         def tick(state: dict[str, Any]) -> None:
@@ -320,6 +416,15 @@ class _Progress:
             self.say(f"stage {event.get('stage')}: {event.get('error')}")
         elif event.get("kind") == "stage_retry":
             self.say(f"stage {event.get('stage')}: attempt {event.get('attempt')} in {event.get('wait_s')} s")
+        elif event.get("kind") == "round_done":
+            sites = ", ".join(f"{k} loss {v['loss']:.4f}" for k, v in dict(event.get("sites", {})).items())
+            left = f"; left out: {', '.join(event['missing'])}" if event.get("missing") else ""
+            self.say(f"stage {event.get('stage')} round {event.get('round')}/{event.get('rounds')}: {sites}{left}")
+        elif event.get("kind") == "gate_verdicts":
+            self.say(
+                f"stage {event.get('stage')}: site {event.get('site')} blocked {event.get('blocked')} of "
+                f"{event.get('checked')} candidates"
+            )
 
     def _site_progress(self, site: str) -> dict[str, Any] | None:
         if site not in self.sites:
@@ -336,17 +441,21 @@ class _Progress:
         self.coordinator.poll()
         for stage in state.get("stages", []):
             key = f"stage-{stage['index']}"
-            line = f"stage {stage['index']} at site {stage['site']} ({stage.get('modality')}): {stage['status']}"
+            where = f"sites {', '.join(stage['sites'])}" if stage.get("sites") else f"site {stage['site']}"
+            line = f"stage {stage['index']} at {where} ({stage.get('modality')}): {stage['status']}"
             if stage["status"] == "done":
                 line += f" in {stage.get('seconds')} s"
             if self.last.get(key) != line:
                 self.last[key] = line
                 self.say(line)
-            if stage["status"] == "running":
-                event = self._site_progress(stage["site"])
-                if event and time.monotonic() >= self.next_beat:
-                    self.say(f"  site {stage['site']}: {event['phase']} {event['step']}/{event['total']}")
-                    self.next_beat = time.monotonic() + 15
+            if stage["status"] == "running" and time.monotonic() >= self.next_beat:
+                for site in stage.get("sites") or [stage["site"]]:
+                    event = self._site_progress(site)
+                    beat = f"  site {site}: {event['phase']} {event['step']}/{event['total']}" if event else ""
+                    if beat and self.last.get(f"site-{site}") != beat:  # a site between steps says nothing new
+                        self.last[f"site-{site}"] = beat
+                        self.say(beat)
+                        self.next_beat = time.monotonic() + 15
 
 
 def demo_command(
@@ -354,15 +463,29 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md, PNGs and logs.")] = Path(
         "demo-out"
     ),
+    sites: Annotated[
+        str | None,
+        typer.Option(
+            "--sites",
+            help="A consortium topology: MODALITY=COUNT per stage, in order, e.g. ct=2,mri=2,pathology=1. "
+            "A modality's sample images are shared by subject among its sites, which train the stage together "
+            f"in {CONSORTIUM_ROUNDS} FedAvg rounds. Default: one site per modality (A: CT, B: MRI, C: pathology).",
+        ),
+    ] = None,
 ) -> None:
     """Run the federation on this machine: coordinator + sites A (CT) → B (MRI) → C (pathology) over 127.0.0.1.
 
     TLS and node authentication on, real sample images, inversion replay; then audits every site's outbound
-    messages against its real data and writes OUT/report.json, OUT/report.md and PNGs.
+    messages against its real data and writes OUT/report.json, OUT/report.md and PNGs. With --sites, several
+    hospitals per modality train each stage together (FedAvg rounds, pooled statistics, an all-site gate).
     """
     say = timestamped("[bold green]demo[/]")
     try:
-        report = run_demo(out.resolve(), profile, say)
+        topology = parse_topology(sites) if sites is not None else None
+    except TopologyError as err:
+        raise fail(str(err), code=2) from None
+    try:
+        report = run_demo(out.resolve(), profile, say, topology=topology)
     except FederationError as err:
         raise fail(f"{err}\nevery log: {out.resolve() / 'federation' / 'logs'}", code=1) from None
     say(

@@ -125,6 +125,7 @@ class LocalFederation:
     retry: Mapping[str, Any] = field(default_factory=dict)  # federation.toml [retry]
     activation_wait_s: float = 120.0
     metrics: bool = True
+    stages: list[dict[str, Any]] | None = None  # federation.toml [[stages]]; None: one stage per site, in order
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -172,7 +173,7 @@ class LocalFederation:
             "superlink": {"host": "127.0.0.1", "port": self.ports["superlink"], "certs_dir": "certs"},
             "retry": {"backoff_s": 2.0, "node_wait_s": 180.0, "poll_interval_s": 1.0, **dict(self.retry)},
             "metrics": {"enabled": self.metrics, "host": "127.0.0.1", "port": self.ports["coordinator_metrics"]},
-            "stages": [{"site": s.name, "modality": s.modality} for s in self.sites],
+            "stages": self.stages or [{"site": s.name, "modality": s.modality} for s in self.sites],
         }
         self.federation_toml.parent.mkdir(parents=True, exist_ok=True)
         self.federation_toml.write_text(tomli_w.dumps(federation))
@@ -377,6 +378,39 @@ class LocalFederation:
         with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
             results = pool.map(self.audit, [s.name for s in self.sites])
             return dict(zip([s.name for s in self.sites], results))
+
+
+def split_by_subject(folder: Path, parts: int, dest: Path, modality: str) -> list[Path]:
+    """Share one modality folder's images among `parts` site folders, whole subjects to one site each.
+
+    Each site folder `dest/<i>/<modality>/` links the top-level entries (files, DICOM series folders) of its
+    subjects; subjects go round-robin in sorted order, so the split is reproducible.
+
+    Returns:
+        The `parts` site data folders (each holding `<modality>/`).
+    Raises:
+        FederationError: when the folder has fewer subjects than `parts`.
+    """
+    from invcoss_core.data import discover_images
+
+    sources = discover_images(folder, group_dicom_series=True).sources
+    subject_of: dict[str, str] = {}
+    for source in sources:
+        subject_of.setdefault(source.name.split("/", 1)[0].split("#", 1)[0], source.subject)
+    subjects = sorted(set(subject_of.values()))
+    if len(subjects) < parts:
+        raise FederationError(
+            f"{folder} holds {len(subjects)} subject(s) of {modality}; it cannot give {parts} sites distinct subjects"
+        )
+    owner = {subject: i % parts for i, subject in enumerate(subjects)}
+    roots = [dest / f"{modality}-{i + 1}" for i in range(parts)]
+    for root in roots:
+        (root / modality).mkdir(parents=True, exist_ok=True)
+    for top, subject in sorted(subject_of.items()):
+        link = roots[owner[subject]] / modality / top
+        if not link.exists():
+            link.symlink_to((folder / top).resolve())
+    return roots
 
 
 def _read_events(path: Path) -> list[dict[str, Any]]:

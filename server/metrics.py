@@ -47,6 +47,33 @@ class CoordinatorMetrics:
             buckets=(5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
             registry=r,
         )
+        self.rounds_done = Counter(
+            "invcoss_coordinator_rounds_done", "FedAvg rounds averaged (consortium stages)", ["stage"], registry=r
+        )
+        self.round_samples = Gauge(
+            "invcoss_coordinator_round_samples",
+            "Training samples a site contributed to its last averaged round",
+            ["stage", "site"],
+            registry=r,
+        )
+        self.round_loss = Gauge(
+            "invcoss_coordinator_round_loss", "A site's mean MAE loss in its last round", ["stage", "site"], registry=r
+        )
+        self.round_missing = Counter(
+            "invcoss_coordinator_round_missing_sites",
+            "Sites left out of a round (dropped, offline)",
+            ["site"],
+            registry=r,
+        )
+        self.gate_blocked = Gauge(
+            "invcoss_coordinator_gate_blocked",
+            "Candidate images a site's gate blocked (consortium stages)",
+            ["stage", "site"],
+            registry=r,
+        )
+        self.step_bytes_out = Counter(
+            "invcoss_coordinator_step_bytes_out", "Consortium step bytes sent to sites", ["site", "step"], registry=r
+        )
         self.superlink_restarts = Counter(
             "invcoss_coordinator_superlink_restarts", "SuperLink restarts by the supervisor", registry=r
         )
@@ -84,6 +111,18 @@ class CoordinatorMetrics:
             self.bytes_out.labels(site).inc(float(event.get("bytes_out", 0)))
             self.bytes_in.labels(site).inc(float(event.get("bytes_in", 0)))
             self.stage_seconds.observe(float(event.get("seconds", 0.0)))
+        elif kind == "round_done":
+            stage = str(event.get("stage", ""))
+            self.rounds_done.labels(stage).inc()
+            for name, contribution in dict(event.get("sites", {})).items():
+                self.round_samples.labels(stage, name).set(float(contribution.get("num_examples", 0)))
+                self.round_loss.labels(stage, name).set(float(contribution.get("loss", 0.0)))
+            for name in event.get("missing", []):
+                self.round_missing.labels(str(name)).inc()
+        elif kind in ("gate_verdicts", "candidates"):
+            self.gate_blocked.labels(str(event.get("stage", "")), site).set(float(event.get("blocked", 0)))
+        elif kind == "step_sent":
+            self.step_bytes_out.labels(site, str(event.get("step", ""))).inc(float(event.get("bytes", 0)))
         elif kind == "run_done":
             self.set_status("done")
         elif kind == "run_failed":

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from invcoss_core.artifact import Artifact, ArtifactError, write_artifact_dir
 from invcoss_core.eventlog import emit_event
-from invcoss_core.protocol import ProtocolError, StageReply, StageRequest, payload_bytes
+from invcoss_core.protocol import ProtocolError, StageReply, StageRequest, StepRequest, payload_bytes
 from invcoss_core.signing import public_key_openssh
 from server.codec import NodeView, Received, describe_nodes
 from server.config import FederationConfig
@@ -51,6 +51,8 @@ class Transport(Protocol):
     def nodes(self) -> list[NodeView]: ...
 
     def send_stage(self, node_id: int, request: StageRequest, parent_files: Mapping[str, bytes], ttl: float) -> str: ...
+
+    def send_step(self, node_id: int, request: StepRequest, ttl: float) -> str: ...
 
     def receive(self, message_ids: Collection[str]) -> list[Received]: ...
 
@@ -148,6 +150,10 @@ class PlanRunner:
         except (ArtifactError, EnrollmentError) as err:
             self._record_failure(record.index, f"cannot load the parent artifact: {err}")
             return False
+        if self.config.stages[record.index - 1].is_consortium:
+            from server.consortium import ConsortiumStage
+
+            return ConsortiumStage(self, state, record, parent).run()
         outstanding: dict[str, int] = {}  # message id -> attempt; a late reply to any attempt is accepted
         for attempt in range(1, retry.max_attempts + 1):
             started = self.clock.now()
@@ -331,7 +337,8 @@ class PlanRunner:
             {
                 "run_id": state.run_id,
                 "modalities": [s.modality for s in state.stages],
-                "sites": [s.site for s in state.stages],
+                "sites": [s.site for s in state.stages],  # the site that signed each stage
+                "stage_sites": [s.sites or [s.site] for s in state.stages],  # every site that trained each stage
                 "artifact_sha256": last.artifact_sha256,
                 "profile": self.config.profile,
                 "signed_by": last.site,

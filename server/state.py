@@ -104,6 +104,10 @@ class StateLayout:
         """Artifact folder of stage `index`."""
         return self.checkpoints / f"stage-{index:02d}"
 
+    def consortium(self, index: int) -> Path:
+        """Folder of a consortium stage's round weights, pooled statistics, candidates and verdicts."""
+        return self.root / "consortium" / f"stage-{index:02d}"
+
     def enrolled_key(self, site: str) -> Path:
         """OpenSSH public key file of an enrolled site."""
         return self.enrolled / f"{site}.pub"
@@ -113,11 +117,33 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SiteRound(_Model):
+    """One site's answer in one FedAvg round (numbers only)."""
+
+    num_examples: int  # FedAvg weight: the site's training samples
+    loss: float
+    replay_loss: float | None = None
+    seconds: float = 0.0
+    bytes_in: int = 0  # weights received from the site
+
+
+class RoundRecord(_Model):
+    """A finished FedAvg round of a consortium stage."""
+
+    round: int = Field(ge=1)
+    weights_sha256: str  # the aggregated model after this round (consortium/stage-k/round-<r>.safetensors)
+    sites: dict[str, SiteRound]  # the sites whose updates were averaged
+    missing: dict[str, str] = Field(default_factory=dict)  # site -> why it did not count in this round
+    seconds: float = 0.0
+    bytes_out: int = 0  # weights (and parent artifacts) sent to the sites
+    finished_at: str = ""
+
+
 class StageRecord(_Model):
     """What the coordinator knows about one stage."""
 
     index: int = Field(ge=1)
-    site: str
+    site: str  # the site that signs the stage's artifact (a consortium stage's inversion site)
     modality: str | None = None
     status: StageStatus = "pending"
     attempts: int = 0
@@ -133,6 +159,13 @@ class StageRecord(_Model):
     metrics: dict[str, float] = Field(default_factory=dict)
     epoch_losses: list[float] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)  # one line per failed attempt
+    # Consortium stages (DESIGN §7); empty for one-site stages.
+    sites: list[str] = Field(default_factory=list)
+    phase: str | None = None  # rounds, stats, invert, gate, finalize
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    delivered: list[str] = Field(default_factory=list)  # sites that confirmed holding the parent artifact
+    stats_tokens: dict[str, int] = Field(default_factory=dict)  # site -> tokens in its sufficient statistics
+    gate_verdicts: dict[str, dict[str, int]] = Field(default_factory=dict)  # site -> {checked, blocked}
 
 
 class RunState(_Model):
@@ -245,7 +278,10 @@ def new_state(config: FederationConfig) -> RunState:
         plan_sha256=config.plan_sha256(),
         created_at=created,
         updated_at=created,
-        stages=[StageRecord(index=i, site=s.site, modality=s.modality) for i, s in enumerate(config.stages, 1)],
+        stages=[
+            StageRecord(index=i, site=s.signer, modality=s.modality, sites=s.site_names if s.is_consortium else [])
+            for i, s in enumerate(config.stages, 1)
+        ],
     )
 
 

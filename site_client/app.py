@@ -1,4 +1,6 @@
-"""The site's Flower ClientApp: `train.stage` runs one stage, `query.site` says who the site is.
+"""The site's Flower ClientApp: `train.stage` runs one stage, `query.site` says who the site is, and the consortium
+steps (`train.round`, `query.stats`, `train.invert`, `query.gate`, `train.finalize`) run one step of a stage that
+several sites share.
 
 A fresh process serves each message (Flower 1.42), so everything is read from the site config named in the
 SuperNode's node config (`config="<site.toml>"`) and all state is on disk. Every reply is written to the audit
@@ -19,7 +21,7 @@ from invcoss_core.artifact import ArtifactError
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SiteDataError
 from invcoss_core.processes import start_supervisor_watch
-from invcoss_core.protocol import ProtocolError, StageReply
+from invcoss_core.protocol import ProtocolError, StageReply, StepReply
 from invcoss_core.signing import SigningKeyError, load_private_key
 from invcoss_core.training import StageError
 from site_client.audit import AUDIT_FILE, AuditLog
@@ -27,11 +29,14 @@ from site_client.codec import (
     OutboundMessage,
     build_site_reply,
     build_stage_reply,
+    build_step_reply,
     message_id,
     parse_stage_request,
+    parse_step_request,
     request_bytes,
 )
 from site_client.config import SiteConfig, load_site_config
+from site_client.consortium import run_site_step
 from site_client.metrics import SiteEvents
 from site_client.runner import RefusedError, run_site_stage
 
@@ -147,3 +152,63 @@ def stage(msg: Message, context: Context) -> Message:
         artifact_sha256=response.artifact_sha256,
     )
     return _send(cfg, events, build_stage_reply(msg, response), status=response.status, **extra)
+
+
+def _step(msg: Message, context: Context, step: str) -> Message:
+    """Run one consortium step and reply with its signed receipt (or the refusal / failure)."""
+    _configure_logging()
+    cfg = _site_config(context)
+    events = SiteEvents(cfg.work_dir / EVENTS_FILE)
+    events.emit("message_in", bytes=request_bytes(msg), message_id=message_id(msg), step=step)
+    start_supervisor_watch(lambda supervisor: os._exit(ABANDONED_EXIT_CODE))  # see `stage`: the only watch
+    extra: dict[str, object] = {"step": step}
+    try:
+        request = parse_step_request(msg)
+        if request.step != step:
+            raise ProtocolError(f"a {step!r} message carries a {request.step!r} request")
+        extra.update(run_id=request.run_id, stage=request.stage_index, round=request.round)
+        logger.info("stage %d: %s step (round %d) received", request.stage_index, step, request.round)
+        reply = run_site_step(cfg, request, load_private_key(cfg.private_key), events)
+    except (RefusedError, ProtocolError) as err:
+        logger.error("%s step refused: %s", step, err)
+        reply = StepReply(status="refused", error=str(err))
+    except (SiteDataError, OSError) as err:  # may name local files: details stay in the site log
+        logger.error("%s step failed on site data: %s", step, err)
+        reply = StepReply(
+            status="failed", error=f"{type(err).__name__}: site data or files unusable (details in the site's log)"
+        )
+    except (ConfigError, StageError, ArtifactError, SigningKeyError, ValueError) as err:
+        logger.error("%s step failed: %s", step, err)
+        reply = StepReply(status="failed", error=f"{type(err).__name__}: {err}")
+    events.emit("step_finished", step=step, outcome=reply.status, error=reply.error)
+    return _send(cfg, events, build_step_reply(msg, reply, step), status=reply.status, **extra)
+
+
+@app.train("round")
+def fedavg_round(msg: Message, context: Context) -> Message:
+    """Train one FedAvg round of a consortium stage from the coordinator's weights."""
+    return _step(msg, context, "round")
+
+
+@app.query("stats")
+def sufficient_stats(msg: Message, context: Context) -> Message:
+    """Count, sum and sum of squares of the final model's block inputs on this site's images."""
+    return _step(msg, context, "stats")
+
+
+@app.train("invert")
+def invert(msg: Message, context: Context) -> Message:
+    """Invert the stage's final model into candidate images (the inversion site)."""
+    return _step(msg, context, "invert")
+
+
+@app.query("gate")
+def gate(msg: Message, context: Context) -> Message:
+    """Pass or block each candidate against this site's real images (verdicts only)."""
+    return _step(msg, context, "gate")
+
+
+@app.train("finalize")
+def finalize(msg: Message, context: Context) -> Message:
+    """Sign the stage's artifact with the candidates every site passed (the inversion site)."""
+    return _step(msg, context, "finalize")

@@ -17,21 +17,29 @@ from invcoss_core.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
     METRICS_RECORD,
+    PAYLOAD_RECORD,
     PROTOCOL_VERSION,
     QUERY_MESSAGE,
+    RECEIPT_RECORD,
     RESULT_RECORD,
     SITE_RECORD,
     STAGE_MESSAGE,
     STAGE_RECORD,
+    STEP_RECORD,
     ProtocolError,
     StageReply,
     StageRequest,
+    StepReply,
+    StepRequest,
     check_file_array,
+    check_payload_names,
     metric_fields,
     parse_stage_fields,
+    parse_step_fields,
     payload_bytes,
     result_fields,
     site_fields,
+    step_result_fields,
 )
 
 __all__ = [
@@ -50,8 +58,10 @@ __all__ = [
     "StageRequest",
     "build_site_reply",
     "build_stage_reply",
+    "build_step_reply",
     "message_id",
     "parse_stage_request",
+    "parse_step_request",
     "request_bytes",
 ]
 
@@ -123,6 +133,43 @@ def build_stage_reply(request_message: Message, reply: StageReply) -> OutboundMe
     kind = "stage_reply" if reply.ok else f"stage_{reply.status}"
     return OutboundMessage(
         Message(content, reply_to=request_message), kind, dict(reply.files), request_message.metadata.message_id
+    )
+
+
+def parse_step_request(message: Message) -> StepRequest:
+    """Decode a consortium step message (`train.round`, `query.stats`, `train.invert`, `query.gate`, ...).
+
+    Raises:
+        ProtocolError: when records are missing, malformed or of another protocol version.
+    """
+    content = message.content
+    if STEP_RECORD not in content.config_records:
+        raise ProtocolError("the consortium request has no 'step' record")
+    request = parse_step_fields(content.config_records[STEP_RECORD])
+    records = content.array_records
+    files = _files(records[ARTIFACT_RECORD]) if ARTIFACT_RECORD in records else {}
+    payload = _files(records[PAYLOAD_RECORD]) if PAYLOAD_RECORD in records else {}
+    check_payload_names(payload)
+    return dataclasses.replace(request, files=files, payload=payload)
+
+
+def build_step_reply(request_message: Message, reply: StepReply, step: str) -> OutboundMessage:
+    """The reply to a consortium step: payload (weights, statistics or candidates), artifact, signed receipt.
+
+    No real image is ever in `reply`: the site runner builds it from model outputs only, and the audit log
+    records every array before the message leaves.
+    """
+    content = RecordDict(
+        {
+            PAYLOAD_RECORD: _file_record(reply.payload),
+            ARTIFACT_RECORD: _file_record(reply.files),
+            RECEIPT_RECORD: ConfigRecord(step_result_fields(reply)),
+        }
+    )
+    kind = f"{step}_reply" if reply.ok else f"{step}_{reply.status}"
+    arrays = {**{f"payload/{k}": v for k, v in reply.payload.items()}, **reply.files}
+    return OutboundMessage(
+        Message(content, reply_to=request_message), kind, arrays, request_message.metadata.message_id
     )
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -49,6 +50,27 @@ class StageResult:
     resumed_from_epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     previews: dict[str, bytes] = field(default_factory=dict)  # modality -> PNG of this stage's synthetic images
+
+
+@dataclass(frozen=True)
+class RoundWindow:
+    """The part of a stage's schedule one FedAvg round trains: epochs [first, stop), from given optimizer state."""
+
+    first: int
+    stop: int
+    optimizer_state: dict[str, Any] | None = None  # the site's state after its previous round; None: fresh
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What `train_stage` returns."""
+
+    stats: dict[str, torch.Tensor]  # recorded feature statistics (empty for a round window)
+    history: dict[str, list[float]]  # "loss" and "replay": per-epoch means
+    resumed_from_epoch: int
+    seconds: float
+    seen: int  # real images trained on
+    optimizer_state: dict[str, Any]
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -144,14 +166,20 @@ def train_stage(
     stage_index: int,
     events: EventSink = discard,
     check_every: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], int, float, int]:
+    round_window: RoundWindow | None = None,
+) -> TrainOutcome:
     """Optimise `student` for the configured epochs, resuming from a matching checkpoint.
 
     The losses are summed on the device and read back (checked for NaN/inf, reported to `events`) every
     `check_every` steps and at each epoch's end; None: `default_check_every(device)`.
 
+    With a `round_window` (one FedAvg round of a consortium stage) only its epochs [first, stop) of the stage's
+    schedule run, from the student's current weights and the window's optimizer state; no checkpoint is read and
+    no statistics are recorded (the coordinator asks for them once the rounds are over).
+
     Returns:
-        recorded feature statistics, per-epoch history, epoch resumed from, training seconds, images seen.
+        TrainOutcome: recorded feature statistics (empty for a round), per-epoch history, epoch resumed from,
+        training seconds, images seen, the optimizer state.
     Raises:
         NonFiniteLossError: on a NaN/inf loss.
     """
@@ -178,8 +206,12 @@ def train_stage(
         fused=device.type == "cuda",  # one kernel per parameter group instead of several per parameter
     )
     history: dict[str, list[float]] = {"loss": [], "replay": []}
-    start_epoch = 0
-    if checkpoint_dir is not None:
+    start_epoch, stop_epoch = 0, tc.epochs
+    if round_window is not None:
+        start_epoch, stop_epoch = round_window.first, round_window.stop
+        if round_window.optimizer_state is not None:
+            optimizer.load_state_dict(round_window.optimizer_state)
+    elif checkpoint_dir is not None:
         ckpt = load_checkpoint(checkpoint_dir, fingerprint)
         if ckpt is not None:
             student.load_state_dict(ckpt.model, strict=True)
@@ -191,7 +223,7 @@ def train_stage(
     every = check_every or default_check_every(device)
     seen = 0
     started = time.perf_counter()
-    for epoch in range(start_epoch, tc.epochs):
+    for epoch in range(start_epoch, stop_epoch):
         student.train()
         generator = torch.Generator().manual_seed(derive_seed(config.seed, stage_index, modality, epoch))
         sampler = RandomSampler(
@@ -208,7 +240,7 @@ def train_stage(
             num_workers=tc.num_workers,
             pin_memory=device.type == "cuda",
         )
-        last_epoch = epoch == tc.epochs - 1
+        last_epoch = epoch == tc.epochs - 1 and round_window is None
         loss_sum = replay_sum = 0.0
         replay_steps = 0
         # Sums since the last read-back, on the device: [MAE loss, replay loss, total loss].
@@ -306,10 +338,17 @@ def train_stage(
                 },
             )
         )
-    if recorder.count == 0:
+    if round_window is None and recorder.count == 0:
         # Resumed after the last epoch finished: record the statistics in one extra pass without updates.
         record_statistics(student, recorder, train_data, batch_size, modality, device, config.seed)
-    return recorder.result(), history, start_epoch, time.perf_counter() - started, seen
+    return TrainOutcome(
+        stats=recorder.result() if round_window is None else {},
+        history=history,
+        resumed_from_epoch=start_epoch if round_window is None else 0,
+        seconds=time.perf_counter() - started,
+        seen=seen,
+        optimizer_state=optimizer.state_dict(),
+    )
 
 
 @torch.no_grad()
@@ -384,7 +423,7 @@ def run_stage(
     strategy.begin_stage(ctx)
     fingerprint = stage_fingerprint(config, modality, incoming, run_id, n)
     checkpoint_dir = Path(work_dir) / "checkpoint" if work_dir is not None else None
-    stats, history, resumed, train_seconds, seen = train_stage(
+    trained = train_stage(
         config=config,
         modality=modality,
         train_data=train_data,
@@ -397,6 +436,13 @@ def run_stage(
         stage_index=stage_index,
         events=events,
         check_every=check_every,
+    )
+    stats, history, resumed, train_seconds, seen = (
+        trained.stats,
+        trained.history,
+        trained.resumed_from_epoch,
+        trained.seconds,
+        trained.seen,
     )
     student.eval()
     outcome = strategy.end_stage(ctx, train_data, stats)
@@ -457,8 +503,10 @@ def load_student(artifact: Artifact, device: torch.device | str = "cpu") -> Mult
 
 __all__ = [
     "NonFiniteLossError",
+    "RoundWindow",
     "StageError",
     "StageResult",
+    "TrainOutcome",
     "default_check_every",
     "derive_seed",
     "load_student",

@@ -90,3 +90,50 @@ def test_plan_digest_changes_with_the_plan_only(tmp_path: Path) -> None:
     b = parse_federation_config({**base, "retry": {"max_attempts": 5}}, "f", tmp_path)
     c = parse_federation_config({"stages": [{"site": "B"}, {"site": "A"}]}, "f", tmp_path)
     assert a.plan_sha256() == b.plan_sha256() != c.plan_sha256()
+
+
+CONSORTIUM = """
+[[stages]]
+sites = ["A1", "A2", "A3"]
+modality = "ct"
+rounds = 3
+local_steps = 10
+min_sites = 2
+inversion_site = "A2"
+[[stages]]
+site = "B"
+modality = "mri"
+"""
+
+
+def test_consortium_stage_parses_with_its_round_settings(tmp_path: Path) -> None:
+    cfg = load_federation_config(_write(tmp_path, CONSORTIUM))
+    stage = cfg.stages[0]
+    assert stage.is_consortium and stage.site_names == ["A1", "A2", "A3"]
+    assert (stage.rounds, stage.local_steps, stage.required_sites, stage.signer) == (3, 10, 2, "A2")
+    assert not cfg.stages[1].is_consortium and cfg.stages[1].signer == "B" and cfg.stages[1].required_sites == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("min_sites = 2", "min_sites = 4"), r"stages\.0.*'min_sites' = 4 is larger than the 3 site"),
+        (('inversion_site = "A2"', 'inversion_site = "Z9"'), r"stages\.0.*'inversion_site' = 'Z9' is not one of"),
+        (('site = "B"\nmodality = "mri"', 'site = "A1"\nmodality = "ct"'), r"site 'A1' is also in stage 1.*two different modalities"),
+        (('sites = ["A1", "A2", "A3"]', 'sites = ["A1", "A1"]'), r"'sites' names A1 more than once"),
+        (('modality = "ct"\nrounds', "rounds"), r"consortium stage .* must say its 'modality'"),
+        (("rounds = 3", "rounds = 3\nsecure_aggregation = true"), r"'secure_aggregation' is not available"),
+        (('site = "B"', 'site = "B"\nrounds = 2'), r"'rounds', 'local_steps' and 'min_sites' need 'sites"),
+        (('site = "B"', 'site = "B"\nsites = ["C"]'), r"exactly one of 'site'"),
+    ],
+)
+def test_consortium_mistakes_name_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    text = CONSORTIUM.replace(*change)
+    assert text != CONSORTIUM
+    with pytest.raises(ConfigError, match=rf"(?s)federation.toml.*{message}"):
+        load_federation_config(_write(tmp_path, text))
+
+
+def test_a_site_may_join_two_stages_of_different_modalities(tmp_path: Path) -> None:
+    cfg = load_federation_config(_write(tmp_path, CONSORTIUM.replace('site = "B"\n', 'site = "A1"\n')))
+    assert cfg.stages[1].site_names == ["A1"]
