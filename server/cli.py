@@ -185,7 +185,8 @@ def status(
             f"{s.seconds:.1f}" if s.seconds is not None else "-",
             (s.artifact_sha256 or "-")[:16],
         )
-    Console().print(table)
+    out = Console(soft_wrap=True)  # stdout; a line stays one line in a log file
+    out.print(table)
     if state.error:
         console.print(f"[red]error:[/] {state.error}")
     for s in state.stages:
@@ -194,9 +195,9 @@ def status(
                 f"{site} {v.num_examples} samples loss {v.loss:.4f}" for site, v in sorted(r.sites.items())
             )
             missing = f"; missing {', '.join(f'{k} ({v})' for k, v in r.missing.items())}" if r.missing else ""
-            console.print(f"stage {s.index} round {r.round}: {contributions}{missing}", soft_wrap=True)
+            out.print(f"stage {s.index} round {r.round}: {contributions}{missing}", markup=False)
         for site, verdict in sorted(s.gate_verdicts.items()):
-            console.print(
+            out.print(
                 f"stage {s.index} gate at {site}: {verdict['blocked']} of {verdict['checked']} candidates blocked"
             )
         for line in s.errors:

@@ -59,6 +59,7 @@ from server.state import (
     StageRecord,
     atomic_write,
     journal,
+    load_state,
     now_iso,
     replace_stage,
     update_state,
@@ -110,7 +111,10 @@ class ConsortiumStage:
     # -- state ------------------------------------------------------------------------------------------------
     @property
     def record(self) -> StageRecord:
-        return update_state(self.runner.layout, lambda s: s).stage(self.index)
+        state = load_state(self.runner.layout)
+        if state is None:
+            raise _PhaseFailedError(f"the run state in {self.runner.layout.root} is gone")
+        return state.stage(self.index)
 
     def _update(self, **changes: Any) -> StageRecord:
         def change(state: RunState) -> RunState:

@@ -97,3 +97,56 @@ def test_other_protocol_versions_are_refused() -> None:
     content = RecordDict({"stage": ConfigRecord({"protocol": 99, "stage_index": 1})})
     with pytest.raises(site.ProtocolError, match="protocol version 99"):
         site.parse_stage_request(Message(content, dst_node_id=1, message_type="train.stage"))
+
+
+def test_fedavg_weights_each_site_by_its_samples_with_flowers_aggregation() -> None:
+    import torch
+
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
+    b = {"w": torch.tensor([4.0, 8.0]), "b": torch.tensor([[3.0]])}
+    out = coordinator.fedavg([(a, 1.0), (b, 2.0)])  # (1·a + 2·b) / 3
+    assert torch.allclose(out["w"], torch.tensor([3.0, 6.0])) and torch.allclose(out["b"], torch.tensor([[2.0]]))
+    assert out["w"].dtype == torch.float32 and out["b"].shape == (1, 1)
+    with pytest.raises(ValueError, match="same parameter names"):
+        coordinator.fedavg([(a, 1.0), ({"w": b["w"]}, 1.0)])
+    with pytest.raises(ValueError, match="add up to zero"):
+        coordinator.fedavg([(a, 0.0)])
+
+
+def test_a_step_request_and_its_signed_reply_survive_flower_messages(keys: Keys) -> None:
+    import dataclasses
+
+    from invcoss_core.protocol import Receipt, StepReply, StepRequest
+    from invcoss_core.signing import sign_bytes, verify_bytes
+
+    request = StepRequest(
+        step="gate",
+        run_id="r",
+        stage_index=2,
+        site="B",
+        modality="ct",
+        profile="tiny",
+        settings={"train": {"epochs": 1}},
+        attempt=1,
+        verdicts={"A": [True, False]},
+        payload={"weights.safetensors": b"\x00weights", "candidates.safetensors": b"\x01pool"},
+        files={"manifest.json": b"{}"},
+    )
+    message = coordinator.build_step_message(request, node_id=7, ttl=60.0)
+    assert message.metadata.message_type == "query.gate"
+    parsed = site.parse_step_request(Message(message.content, dst_node_id=7, message_type="query.gate"))
+    assert parsed == request
+    receipt = Receipt("r", 2, "gate", 0, "B", "0" * 64, {}, verdicts=[True, False])
+    signed = receipt.to_bytes()
+    reply = StepReply(status="ok", receipt=signed, signature=sign_bytes(keys.private["A"], signed))
+    outbound = site.build_step_reply(message, reply, "gate")
+    back = coordinator.parse_step_reply(outbound.message)
+    assert dataclasses.replace(back, payload={}, files={}) == reply
+    assert Receipt.from_bytes(back.receipt) == receipt and verify_bytes(
+        keys.private["A"].public_key(), back.receipt, back.signature
+    )
+    bad = Message(
+        RecordDict({"payload": ArrayRecord({"x.safetensors": Array(np.zeros(3, dtype=np.uint8))})}), reply_to=message
+    )
+    with pytest.raises(coordinator.ProtocolError):
+        coordinator.parse_step_reply(bad)

@@ -119,7 +119,10 @@ def test_consortium_stage_parses_with_its_round_settings(tmp_path: Path) -> None
     [
         (("min_sites = 2", "min_sites = 4"), r"stages\.0.*'min_sites' = 4 is larger than the 3 site"),
         (('inversion_site = "A2"', 'inversion_site = "Z9"'), r"stages\.0.*'inversion_site' = 'Z9' is not one of"),
-        (('site = "B"\nmodality = "mri"', 'site = "A1"\nmodality = "ct"'), r"site 'A1' is also in stage 1.*two different modalities"),
+        (
+            ('site = "B"\nmodality = "mri"', 'site = "A1"\nmodality = "ct"'),
+            r"site 'A1' is also in stage 1.*two different modalities",
+        ),
         (('sites = ["A1", "A2", "A3"]', 'sites = ["A1", "A1"]'), r"'sites' names A1 more than once"),
         (('modality = "ct"\nrounds', "rounds"), r"consortium stage .* must say its 'modality'"),
         (("rounds = 3", "rounds = 3\nsecure_aggregation = true"), r"'secure_aggregation' is not available"),

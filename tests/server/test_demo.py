@@ -46,3 +46,32 @@ def test_progress_of_a_running_stage_is_its_sites_latest_step_read_as_the_file_g
     progress.next_beat = 0.0
     progress.update(state)
     assert said == ["stage 1 at site A (ct): running", "  site A: train 2/10", "  site A: inversion 3/8"]
+
+
+def test_sites_topology_parses_in_stage_order_and_names_mistakes() -> None:
+    import pytest
+
+    from server.demo import TopologyError, parse_topology
+
+    assert parse_topology("ct=2, mri=2,pathology=1") == [("ct", 2), ("mri", 2), ("pathology", 1)]
+    for bad, message in (("ct=0", "COUNT ≥ 1"), ("bone=2", "MODALITY one of"), ("ct=2,ct=1", "twice"), ("", "empty")):
+        with pytest.raises(TopologyError, match=message):
+            parse_topology(bad)
+
+
+def test_consortium_plan_gives_each_site_whole_subjects(tmp_path: Path) -> None:
+    from server.demo import consortium_plan
+    from tests.integration.conftest import generated_site_data
+
+    samples = generated_site_data(tmp_path / "samples")
+    sites, stages = consortium_plan(samples, [("ct", 2), ("pathology", 1)], tmp_path / "data")
+    assert [s.name for s in sites] == ["ct1", "ct2", "pathology1"]
+    assert stages[0]["sites"] == ["ct1", "ct2"] and stages[1] == {"site": "pathology1", "modality": "pathology"}
+    held = [sorted(p.name for p in (s.data_dir / "ct").iterdir()) for s in sites[:2]]
+    assert held == [["subject0.nii.gz"], ["subject1.nii.gz"]]
+    import pytest
+
+    from server.localfed import FederationError
+
+    with pytest.raises(FederationError, match="2 subject"):
+        consortium_plan(samples, [("ct", 3)], tmp_path / "more")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset
 
+from invcoss_core.artifact import decode_artifact
 from invcoss_core.consortium import (
     consortium_artifact,
     gate_verdicts,
@@ -16,7 +17,6 @@ from invcoss_core.consortium import (
     synthesize_candidates,
     train_round,
 )
-from invcoss_core.artifact import decode_artifact
 from invcoss_core.data import TensorImages
 from invcoss_core.stats import SufficientStats, content_keyed_noise, stat_key
 from invcoss_core.training import run_stage
