@@ -302,6 +302,23 @@ class StepRequest:
     files: dict[str, bytes] = field(default_factory=dict)  # the parent artifact (empty once the site holds it)
     payload: dict[str, bytes] = field(default_factory=dict)  # the step's inputs
 
+    def as_stage_request(self, files: Mapping[str, bytes] | None = None) -> StageRequest:
+        """The stage-level fields (run, stage, site, settings, parent) as a StageRequest carrying `files`."""
+        return StageRequest(
+            run_id=self.run_id,
+            stage_index=self.stage_index,
+            site=self.site,
+            modality=self.modality,
+            profile=self.profile,
+            settings=self.settings,
+            attempt=self.attempt,
+            parent_sha256=self.parent_sha256,
+            parent_site=self.parent_site,
+            parent_parent_sha256=self.parent_parent_sha256,
+            parent_public_key=self.parent_public_key,
+            files=dict(files or {}),
+        )
+
 
 @dataclass(frozen=True)
 class Receipt:
@@ -375,27 +392,16 @@ def check_payload_names(payload: Mapping[str, bytes]) -> None:
 
 
 def step_fields(request: StepRequest) -> dict[str, Any]:
-    """The ``step`` config record of a consortium request."""
+    """The ``step`` config record of a consortium request: the stage fields (`stage_fields`) plus the step's."""
     return {
-        "protocol": PROTOCOL_VERSION,
+        **stage_fields(request.as_stage_request()),
         "step": request.step,
-        "run_id": request.run_id,
-        "stage_index": request.stage_index,
-        "site": request.site,
-        "modality": request.modality or "",
-        "profile": request.profile,
-        "settings": json.dumps(request.settings, sort_keys=True),
-        "attempt": request.attempt,
         "round": request.round,
         "rounds": request.rounds,
         "local_steps": request.local_steps or 0,
         "local_epochs": request.local_epochs,
         "num_images": request.num_images,
         "verdicts": json.dumps(request.verdicts, sort_keys=True),
-        "parent_sha256": request.parent_sha256 or "",
-        "parent_site": request.parent_site or "",
-        "parent_parent_sha256": request.parent_parent_sha256 or "",
-        "parent_public_key": request.parent_public_key or "",
     }
 
 
