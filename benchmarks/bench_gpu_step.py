@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from invcoss_core.common.events import ProgressEvent
 from invcoss_core.config import StageConfig, build_config
 from invcoss_core.data import TensorImages
-from invcoss_core.events import ProgressEvent
 from invcoss_core.replay import NoReplay
 from invcoss_core.training.stage import default_check_every, seeded_model, train_stage
 

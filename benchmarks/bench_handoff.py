@@ -34,10 +34,10 @@ from typing import Any
 
 import tomli_w
 
+from invcoss.localfed import free_port
 from invcoss_core.artifact import read_artifact_files, write_artifact_dir
+from invcoss_core.common.signing import generate_private_key, private_key_openssh, public_key_openssh
 from invcoss_core.config import build_config
-from invcoss_core.signing import generate_private_key, private_key_openssh, public_key_openssh
-from server.localfed import free_port
 from server.pki import CertificatePaths, create_certificates
 
 BIN = Path(sys.executable).parent

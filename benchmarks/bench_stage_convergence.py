@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from invcoss_core.common.events import ProgressEvent
 from invcoss_core.data import TensorImages
 from invcoss_core.evaluation.data import load_bench_data
 from invcoss_core.evaluation.evaluate import probe_model, probe_pixels
 from invcoss_core.evaluation.recon import decoder_state, own_decoder_loss
 from invcoss_core.evaluation.settings import bench_settings
-from invcoss_core.events import ProgressEvent
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import replay_class
 from invcoss_core.training import run_stage

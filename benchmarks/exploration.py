@@ -17,7 +17,7 @@ def register(spec: MethodSpec) -> None:
 
 def bench_main() -> None:
     """`invcoss bench` with this process's arguments."""
-    from server.invcoss_cli import main
+    from invcoss.cli import main
 
     sys.argv = ["invcoss", "bench", *sys.argv[1:]]
     main()

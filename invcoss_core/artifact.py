@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from invcoss_core.common.signing import PublicKey, verify_bytes
 from invcoss_core.config import ModelConfig
-from invcoss_core.signing import PublicKey, verify_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -14,12 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from invcoss_core.artifact import ArtifactError, read_artifact_dir
-from invcoss_core.cli_support import console, fail, setup_logging
+from invcoss_core.common.cli_support import console, fail, setup_logging
+from invcoss_core.common.progress import rich_progress
+from invcoss_core.common.signing import SigningKeyError, load_public_key
 from invcoss_core.config import PROFILES, ConfigError, load_config
 from invcoss_core.models import ModelInputError
-from invcoss_core.progress import rich_progress
 from invcoss_core.replay import ReplayError
-from invcoss_core.signing import SigningKeyError, load_public_key
 from invcoss_core.training import StageError, load_student, run_stage
 from invcoss_core.training.checkpoint import CheckpointError
 
@@ -28,8 +28,8 @@ app = typer.Typer(
     help=(
         "InvCoSS: inversion-driven continual self-supervised pre-training for multi-modal medical images.\n\n"
         "Run one local stage (`stage`), extract frozen-encoder features (`embed`), fetch real sample images "
-        "(`samples fetch`), check a site folder (`data check`), compare methods (`bench`) or run the whole "
-        "federation on this machine (`demo`)."
+        "(`samples fetch`), check a site folder (`data check`) or compare methods (`bench`). The installed "
+        "`invcoss` command (`invcoss.cli`) adds `demo`, the whole federation on this machine."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -303,7 +303,7 @@ _mount_subcommands()
 
 
 def main() -> None:
-    """Entry point of the core CLI (the installed `invcoss` command adds `demo` on top)."""
+    """Entry point of the method's CLI alone (the installed `invcoss` command is `invcoss.cli`, with `demo`)."""
     app()
 
 

@@ -27,8 +27,8 @@ import torch
 from torch.utils.data import Dataset
 
 from invcoss_core.artifact import Artifact, GateSummary, encode_artifact
+from invcoss_core.common.events import EventSink, discard
 from invcoss_core.config import StageConfig
-from invcoss_core.events import EventSink, discard
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import PoolReplay, ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.stats import SufficientStats, merge_stats, record_sufficient_stats

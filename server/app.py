@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from invcoss_core.eventlog import emit_event
+from invcoss_core.common.eventlog import emit_event
 from server.codec import FlowerGrid
 from server.config import FederationConfig
 from server.plan import PlanRunner

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from invcoss_core.cli_support import console, fail, setup_logging, timestamped
+from invcoss_core.common.cli_support import console, fail, setup_logging, timestamped
 from invcoss_core.config import ConfigError
 from server.config import FederationConfig, check_site_name, load_federation_config
 from server.coordinator import Coordinator, CoordinatorError

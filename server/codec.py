@@ -1,7 +1,7 @@
 """The coordinator's only Flower-types module: stage requests and replies ↔ Flower messages, and the Grid adapter.
 
 The wire schema (record names, fields, version, the plain request and reply types) is
-`invcoss_core.protocol`; `site_client/codec.py` is the other half. This module only turns it into Flower records
+`invcoss_core.common.protocol`; `site_client/codec.py` is the other half. This module only turns it into Flower records
 (`ArrayRecord`, `ConfigRecord`, `Message`) and back, and wraps the ServerApp's Grid.
 """
 
@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from invcoss_core.protocol import (
+from invcoss_core.common.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
     METRICS_RECORD,

@@ -32,10 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from invcoss_core.artifact import Artifact, ArtifactError, sha256_hex
-from invcoss_core.config import StageConfig
-from invcoss_core.consortium import INVERTING_STRATEGIES, initial_weights, round_config
-from invcoss_core.inversion.synthesize import images_needed
-from invcoss_core.protocol import (
+from invcoss_core.common.protocol import (
     CANDIDATES_FILE,
     STATS_FILE,
     WEIGHTS_FILE,
@@ -47,7 +44,10 @@ from invcoss_core.protocol import (
     payload_bytes,
     payload_digest,
 )
-from invcoss_core.signing import verify_bytes
+from invcoss_core.common.signing import verify_bytes
+from invcoss_core.config import StageConfig
+from invcoss_core.consortium import INVERTING_STRATEGIES, initial_weights, round_config
+from invcoss_core.inversion.synthesize import images_needed
 from invcoss_core.stats import SufficientStats
 from server.codec import NodeView, describe_nodes, fedavg
 from server.config import StagePlan

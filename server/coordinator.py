@@ -20,8 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from invcoss_core.eventlog import EventTailer
-from invcoss_core.processes import InstanceLock, InstanceRunningError, PortUnavailableError, pid_alive
+from invcoss_core.common.eventlog import EventTailer
+from invcoss_core.common.processes import InstanceLock, InstanceRunningError, PortUnavailableError, pid_alive
 from server.config import FederationConfig
 from server.handoff import EnrollmentError
 from server.metrics import CoordinatorMetrics, serve_metrics

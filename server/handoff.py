@@ -16,7 +16,13 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from invcoss_core.artifact import Artifact, ArtifactError, check_lineage, decode_artifact, read_artifact_files
-from invcoss_core.signing import PublicKey, SigningKeyError, load_public_key, parse_public_key, public_key_openssh
+from invcoss_core.common.signing import (
+    PublicKey,
+    SigningKeyError,
+    load_public_key,
+    parse_public_key,
+    public_key_openssh,
+)
 from server.state import StateLayout, atomic_write
 
 

@@ -1,8 +1,8 @@
 """Coordinator metrics: the ServerApp writes events to `events.jsonl`; `invcoss-server` tails them into Prometheus.
 
 The ServerApp is a short-lived process started by the SuperLink, so it cannot serve `/metrics` itself. It appends
-one JSON line per event (`invcoss_core.eventlog.emit_event`); the long-lived `invcoss-server` process follows the
-file (`invcoss_core.eventlog.EventTailer`) and updates its registry (`CoordinatorMetrics`), served by
+one JSON line per event (`invcoss_core.common.eventlog.emit_event`); the long-lived `invcoss-server` process follows the
+file (`invcoss_core.common.eventlog.EventTailer`) and updates its registry (`CoordinatorMetrics`), served by
 `serve_metrics`. Event fields are counts, seconds, bytes, site names and hashes — never patient data.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from invcoss_core.processes import bind_or_explain
+from invcoss_core.common.processes import bind_or_explain
 
 
 class CoordinatorMetrics:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from invcoss_core.artifact import Artifact, ArtifactError, write_artifact_dir
-from invcoss_core.eventlog import emit_event
-from invcoss_core.protocol import ProtocolError, StageReply, StageRequest, StepRequest, payload_bytes
-from invcoss_core.signing import public_key_openssh
+from invcoss_core.common.eventlog import emit_event
+from invcoss_core.common.protocol import ProtocolError, StageReply, StageRequest, StepRequest, payload_bytes
+from invcoss_core.common.signing import public_key_openssh
 from server.codec import NodeView, Received, describe_nodes
 from server.config import FederationConfig
 from server.handoff import (

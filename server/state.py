@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from invcoss_core.eventlog import append_jsonl
+from invcoss_core.common.eventlog import append_jsonl
 from server.config import FederationConfig
 
 StageStatus = Literal["pending", "running", "done", "failed"]

@@ -41,7 +41,7 @@ from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from invcoss_core.processes import child_env, die_with_parent, executable, terminate_tree
+from invcoss_core.common.processes import child_env, die_with_parent, executable, terminate_tree
 from server.config import FederationConfig
 from server.pki import CertificatePaths
 from server.state import StateLayout, atomic_write

@@ -18,11 +18,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from invcoss_core.artifact import ArtifactError
+from invcoss_core.common.processes import start_supervisor_watch
+from invcoss_core.common.protocol import ProtocolError, StageReply, StepReply
+from invcoss_core.common.signing import SigningKeyError, load_private_key
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SiteDataError
-from invcoss_core.processes import start_supervisor_watch
-from invcoss_core.protocol import ProtocolError, StageReply, StepReply
-from invcoss_core.signing import SigningKeyError, load_private_key
 from invcoss_core.training import StageError
 from site_client.audit import AUDIT_FILE, AuditLog
 from site_client.codec import (

@@ -15,11 +15,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from invcoss_core.cli_support import console, fail, setup_logging, timestamped
+from invcoss_core.common.cli_support import console, fail, setup_logging, timestamped
+from invcoss_core.common.eventlog import EventTailer
+from invcoss_core.common.processes import InstanceLock, InstanceRunningError, PortUnavailableError
+from invcoss_core.common.signing import generate_private_key, load_private_key, private_key_openssh, public_key_openssh
 from invcoss_core.config import ConfigError, StageConfig, build_config
-from invcoss_core.eventlog import EventTailer
-from invcoss_core.processes import InstanceLock, InstanceRunningError, PortUnavailableError
-from invcoss_core.signing import generate_private_key, load_private_key, private_key_openssh, public_key_openssh
 from site_client.app import EVENTS_FILE
 from site_client.audit import AUDIT_FILE, AuditLog, measure_leaks, real_data_digests
 from site_client.config import SITE_NAME, SiteConfig, load_site_config

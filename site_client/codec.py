@@ -1,6 +1,6 @@
 """The site's only Flower-types module: stage requests and replies ↔ Flower messages.
 
-The wire schema (record names, fields, version, the plain request and reply types) is `invcoss_core.protocol`;
+The wire schema (record names, fields, version, the plain request and reply types) is `invcoss_core.common.protocol`;
 `server/codec.py` is the coordinator's half. Artifact files travel as raw bytes in uint8 Arrays of stype
 ``invcoss.file``; nothing is unpickled, and files are parsed only by `invcoss_core.artifact.decode_artifact`.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from invcoss_core.protocol import (
+from invcoss_core.common.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
     METRICS_RECORD,

@@ -1,6 +1,6 @@
 """One consortium step on a site, independent of Flower: verify, run the method step, sign a receipt.
 
-A consortium stage (DESIGN §7) asks each of its sites for a sequence of steps (`invcoss_core.protocol.STEPS`).
+A consortium stage (DESIGN §7) asks each of its sites for a sequence of steps (`invcoss_core.common.protocol.STEPS`).
 What leaves the site in each: `round` — its locally trained weights and sample count; `stats` — count, sum and
 sum of squares of the final model's block inputs on its images; `invert` (the inversion site) — candidate
 synthetic images and its own verdicts; `gate` — one pass/block verdict per candidate, never a similarity;
@@ -29,6 +29,16 @@ from safetensors.torch import save as st_save
 from torch.utils.data import Dataset
 
 from invcoss_core.artifact import Artifact, decode_artifact, read_artifact_files, sha256_hex, write_artifact_dir
+from invcoss_core.common.protocol import (
+    CANDIDATES_FILE,
+    STATS_FILE,
+    WEIGHTS_FILE,
+    Receipt,
+    StepReply,
+    StepRequest,
+    payload_digest,
+)
+from invcoss_core.common.signing import PrivateKey, sign_bytes
 from invcoss_core.config import StageConfig
 from invcoss_core.consortium import (
     Verdicts,
@@ -39,16 +49,6 @@ from invcoss_core.consortium import (
     synthesize_candidates,
     train_round,
 )
-from invcoss_core.protocol import (
-    CANDIDATES_FILE,
-    STATS_FILE,
-    WEIGHTS_FILE,
-    Receipt,
-    StepReply,
-    StepRequest,
-    payload_digest,
-)
-from invcoss_core.signing import PrivateKey, sign_bytes
 from invcoss_core.stats import SufficientStats
 from invcoss_core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from site_client.config import SiteConfig

@@ -2,7 +2,7 @@
 
 A ClientApp process lives for one message, so it cannot serve `/metrics`. It appends JSON lines (`SiteEvents`:
 stage start/finish, training progress, inversion progress, privacy gate, bytes in/out), throttling per-step
-progress; the long-lived `invcoss-client` follows the file (`invcoss_core.eventlog.EventTailer`) and serves
+progress; the long-lived `invcoss-client` follows the file (`invcoss_core.common.eventlog.EventTailer`) and serves
 `SiteMetrics`. Events carry counts, seconds, losses and hashes only — never patient data or file names.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from invcoss_core.eventlog import emit_event
-from invcoss_core.events import ProgressEvent
-from invcoss_core.processes import bind_or_explain
+from invcoss_core.common.eventlog import emit_event
+from invcoss_core.common.events import ProgressEvent
+from invcoss_core.common.processes import bind_or_explain
 
 
 class SiteEvents:

@@ -33,10 +33,8 @@ from invcoss_core.artifact import (
     decode_artifact,
     read_artifact_files,
 )
-from invcoss_core.config import ConfigError, StageConfig, build_config, deep_merge
-from invcoss_core.protocol import StageReply, StageRequest
-from invcoss_core.replay import ReplayError, replay_class
-from invcoss_core.signing import (
+from invcoss_core.common.protocol import StageReply, StageRequest
+from invcoss_core.common.signing import (
     PrivateKey,
     SigningKeyError,
     load_public_key,
@@ -44,6 +42,8 @@ from invcoss_core.signing import (
     public_key_openssh,
     sign_bytes,
 )
+from invcoss_core.config import ConfigError, StageConfig, build_config, deep_merge
+from invcoss_core.replay import ReplayError, replay_class
 from invcoss_core.training import StageError, run_stage
 from site_client.config import SiteConfig
 from site_client.metrics import SiteEvents

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from invcoss_core.processes import (
+from invcoss_core.common.processes import (
     child_env,
     die_with_parent,
     executable,

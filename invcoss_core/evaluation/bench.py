@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from invcoss_core.artifact import REAL_BUFFER, Artifact, encode_artifact, read_artifact_dir, write_artifact_dir
+from invcoss_core.common.events import EventSink, ProgressEvent, discard
 from invcoss_core.config import StageConfig
 from invcoss_core.data import TensorImages
 from invcoss_core.evaluation.data import BenchData
@@ -47,7 +48,6 @@ from invcoss_core.evaluation.metrics import (
 )
 from invcoss_core.evaluation.recon import decoder_probe_loss, decoder_state, own_decoder_loss
 from invcoss_core.evaluation.settings import METHODS, BenchSettings, MethodSpec
-from invcoss_core.events import EventSink, ProgressEvent, discard
 from invcoss_core.inversion.synthesize import images_needed
 from invcoss_core.replay import ReplayContext, ReplayStrategy, replay_class
 from invcoss_core.training import load_student, run_stage

@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from invcoss_core.common.events import EventSink, ProgressEvent
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SampleFetchError, SiteDataError, fetch_samples
 from invcoss_core.evaluation.bench import REPORT_FILE, RESULTS_FILE, BenchError, BenchStatus, run_bench
 from invcoss_core.evaluation.data import BenchDataError, load_bench_data
 from invcoss_core.evaluation.settings import CORE_METHODS, METHODS, bench_settings
-from invcoss_core.events import EventSink, ProgressEvent
 
 console = Console(stderr=True)
 _METHOD_LIST = ", ".join(METHODS)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch.utils.data import Dataset
 
-from invcoss_core.events import ProgressEvent
+from invcoss_core.common.events import ProgressEvent
 from invcoss_core.inversion.gate import apply_gate
 from invcoss_core.inversion.preview import preview_png
 from invcoss_core.inversion.synthesize import Method, Synthesizer, images_needed, mean_pairwise_cosine

@@ -22,8 +22,8 @@ from typing import Literal
 
 import torch
 
+from invcoss_core.common.events import EventSink, ProgressEvent, discard
 from invcoss_core.config import InversionConfig
-from invcoss_core.events import EventSink, ProgressEvent, discard
 from invcoss_core.inversion.invunet import InvUNet
 from invcoss_core.inversion.losses import (
     TERM_NAMES,

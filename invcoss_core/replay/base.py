@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from invcoss_core.artifact import Artifact, GateSummary
+from invcoss_core.common.events import EventSink, discard
 from invcoss_core.config import StageConfig
-from invcoss_core.events import EventSink, discard
 from invcoss_core.models import MultiModalMAE
 
 

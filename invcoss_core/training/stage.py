@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from invcoss_core.artifact import Artifact, decode_artifact, encode_artifact, write_artifact_dir
+from invcoss_core.common.events import EventSink, ProgressEvent, discard
 from invcoss_core.config import StageConfig
-from invcoss_core.events import EventSink, ProgressEvent, discard
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats

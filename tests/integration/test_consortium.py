@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from invcoss.demo import consortium_plan, verify_chain
+from invcoss.localfed import LocalFederation
 from invcoss_core.artifact import read_artifact_dir
-from invcoss_core.processes import descendants, pid_alive
-from server.demo import consortium_plan, verify_chain
-from server.localfed import LocalFederation
+from invcoss_core.common.processes import descendants, pid_alive
 from server.state import read_journal
 from tests.integration.conftest import FAST_DEFAULTS
 from tests.integration.helpers import BIN

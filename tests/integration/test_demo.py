@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.demo import run_demo
-from server.localfed import LocalFederation, ProcessExitedError
+from invcoss.demo import run_demo
+from invcoss.localfed import LocalFederation, ProcessExitedError
 from tests.integration.helpers import BIN, run_embed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -24,6 +24,7 @@ import pytest
 import tomli_w
 import torch
 
+from invcoss.localfed import LocalFederation, LocalSite, free_port
 from invcoss_core.artifact import (
     ArtifactError,
     encode_artifact,
@@ -31,8 +32,8 @@ from invcoss_core.artifact import (
     read_artifact_files,
     write_artifact_dir,
 )
-from invcoss_core.processes import descendants, pid_alive
-from invcoss_core.signing import (
+from invcoss_core.common.processes import descendants, pid_alive
+from invcoss_core.common.signing import (
     generate_private_key,
     load_private_key,
     load_public_key,
@@ -41,7 +42,6 @@ from invcoss_core.signing import (
     sign_bytes,
 )
 from server.handoff import verify_stage_artifact
-from server.localfed import LocalFederation, LocalSite, free_port
 from server.state import read_journal
 from server.superlink import flower_env
 from tests.integration.conftest import FAST_DEFAULTS

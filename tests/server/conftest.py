@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from invcoss_core.artifact import encode_artifact
+from invcoss_core.common.protocol import StageReply, StageRequest
+from invcoss_core.common.signing import PrivateKey, generate_private_key, public_key_openssh, sign_bytes
 from invcoss_core.config import build_config
 from invcoss_core.models import build_model
-from invcoss_core.protocol import StageReply, StageRequest
-from invcoss_core.signing import PrivateKey, generate_private_key, public_key_openssh, sign_bytes
 from server.codec import NodeView, Received
 from server.config import FederationConfig, parse_federation_config
 from server.handoff import enroll_key

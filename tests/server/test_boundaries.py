@@ -37,6 +37,25 @@ def test_sides_never_import_each_other(package: str, other: str) -> None:
         assert not any(m == other or m.startswith(other + ".") for m in modules), path
 
 
+@pytest.mark.parametrize("package", ["server", "site_client"])
+def test_neither_side_imports_the_command_package(package: str) -> None:
+    """`invcoss` (the command and the demo) sits above both sides; they never depend on it."""
+    for path in sorted((ROOT / package).glob("*.py")):
+        modules = [m for m, _ in _imports(path)]
+        assert not any(m == "invcoss" or m.startswith("invcoss.") for m in modules), path
+
+
+def test_importing_the_command_module_registers_nothing() -> None:
+    import invcoss.cli
+    from invcoss_core.cli import app as core_app
+
+    before = len(core_app.registered_commands)
+    app = invcoss.cli.build_app()
+    assert "demo" in {c.name for c in app.registered_commands}
+    assert len(core_app.registered_commands) == before  # the method's own app is left as it was
+    assert "demo" not in {c.name for c in core_app.registered_commands}
+
+
 def test_flower_stays_in_the_codec_app_and_superlink_modules() -> None:
     for package in ("server", "site_client"):
         for path in sorted((ROOT / package).glob("*.py")):

@@ -116,8 +116,8 @@ def test_fedavg_weights_each_site_by_its_samples_with_flowers_aggregation() -> N
 def test_a_step_request_and_its_signed_reply_survive_flower_messages(keys: Keys) -> None:
     import dataclasses
 
-    from invcoss_core.protocol import Receipt, StepReply, StepRequest
-    from invcoss_core.signing import sign_bytes, verify_bytes
+    from invcoss_core.common.protocol import Receipt, StepReply, StepRequest
+    from invcoss_core.common.signing import sign_bytes, verify_bytes
 
     request = StepRequest(
         step="gate",

@@ -40,7 +40,7 @@ def test_start_is_refused_without_certificates_or_enrollment(tmp_path: Path, enr
 
 
 def test_registration_is_idempotent_and_rekeying_replaces_the_old_node(enrolled: StateLayout, keys) -> None:
-    from invcoss_core.signing import generate_private_key, public_key_openssh
+    from invcoss_core.common.signing import generate_private_key, public_key_openssh
     from server.handoff import enroll_key
 
     enrolled.database.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def test_app_folder_holds_only_a_pyproject_naming_the_installed_apps(tmp_path: P
 
 
 def test_a_second_coordinator_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
-    from invcoss_core.processes import InstanceLock
+    from invcoss_core.common.processes import InstanceLock
     from server.coordinator import Coordinator
 
     config = federation_config(tmp_path, stages=3)

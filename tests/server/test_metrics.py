@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from invcoss_core.eventlog import EventTailer, emit_event
+from invcoss_core.common.eventlog import EventTailer, emit_event
 from server.metrics import CoordinatorMetrics, serve_metrics
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 
 from invcoss_core.artifact import decode_artifact, read_artifact_dir
-from invcoss_core.protocol import StageReply, StageRequest
+from invcoss_core.common.protocol import StageReply, StageRequest
 from server.config import FederationConfig
 from server.plan import Clock, PlanRunner
 from server.state import StateLayout, load_state, read_journal, update_state

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from invcoss_core.signing import PrivateKey, generate_private_key, private_key_openssh
+from invcoss_core.common.signing import PrivateKey, generate_private_key, private_key_openssh
 from site_client.config import SiteConfig, load_site_config
 from tests.helpers import task_identity
 from tests.integration.conftest import generated_site_data

@@ -10,9 +10,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from invcoss_core.artifact import decode_artifact
-from invcoss_core.config import build_config
-from invcoss_core.consortium import initial_weights
-from invcoss_core.protocol import (
+from invcoss_core.common.protocol import (
     CANDIDATES_FILE,
     STATS_FILE,
     WEIGHTS_FILE,
@@ -20,7 +18,9 @@ from invcoss_core.protocol import (
     StepRequest,
     payload_digest,
 )
-from invcoss_core.signing import PrivateKey, verify_bytes
+from invcoss_core.common.signing import PrivateKey, verify_bytes
+from invcoss_core.config import build_config
+from invcoss_core.consortium import initial_weights
 from site_client.config import SiteConfig
 from site_client.consortium import run_site_step
 from site_client.metrics import SiteEvents

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from invcoss_core.artifact import decode_artifact
+from invcoss_core.common.protocol import StageRequest
+from invcoss_core.common.signing import generate_private_key, public_key_openssh
 from invcoss_core.config import ConfigError
-from invcoss_core.protocol import StageRequest
-from invcoss_core.signing import generate_private_key, public_key_openssh
 from site_client.config import SiteConfig
 from site_client.metrics import SiteEvents
 from site_client.runner import RefusedError, run_site_stage, stage_paths, verify_incoming

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from invcoss_core.eventlog import EventTailer
-from invcoss_core.events import ProgressEvent
+from invcoss_core.common.eventlog import EventTailer
+from invcoss_core.common.events import ProgressEvent
 from server.pki import create_certificates
 from site_client.config import SiteConfig
 from site_client.metrics import SiteEvents, SiteMetrics
@@ -99,7 +99,7 @@ def test_a_second_client_of_the_same_site_is_refused_and_the_first_keeps_its_loc
 ) -> None:
     from typer.testing import CliRunner
 
-    from invcoss_core.processes import InstanceLock
+    from invcoss_core.common.processes import InstanceLock
     from site_client.cli import app
     from tests.site_client.conftest import write_site_toml
 

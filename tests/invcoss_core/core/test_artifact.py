@@ -22,9 +22,9 @@ from invcoss_core.artifact import (
     read_artifact_dir,
     write_artifact_dir,
 )
+from invcoss_core.common.signing import generate_private_key, sign_bytes
 from invcoss_core.config import build_config
 from invcoss_core.models import build_model
-from invcoss_core.signing import generate_private_key, sign_bytes
 
 
 def _files(stage: int = 1, parent: str | None = None, signer=None, **kw):  # type: ignore[no-untyped-def]
@@ -199,7 +199,7 @@ def test_not_safetensors_payload_is_refused_cleanly() -> None:
 
 
 def test_garbage_key_files_give_a_clean_error(tmp_path: Path) -> None:
-    from invcoss_core.signing import SigningKeyError, load_private_key, load_public_key
+    from invcoss_core.common.signing import SigningKeyError, load_private_key, load_public_key
 
     bad = tmp_path / "bad.pub"
     bad.write_bytes(b"ssh-foo AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x\n")

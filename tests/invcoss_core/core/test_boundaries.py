@@ -8,7 +8,7 @@ from pathlib import Path
 
 import invcoss_core
 
-FORBIDDEN = ("flwr", "grpc", "prometheus_client", "server", "site_client")
+FORBIDDEN = ("flwr", "grpc", "prometheus_client", "server", "site_client", "invcoss")
 
 
 def test_invcoss_core_imports_no_flwr_or_grpc() -> None:

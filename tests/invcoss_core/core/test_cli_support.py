@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import typer
 
-from invcoss_core.cli_support import fail, timestamped
+from invcoss_core.common.cli_support import fail, timestamped
 
 TRICKY = "see [/tmp/run/logs] and [code: 2004] [bold]not bold[/bold]"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from invcoss_core.processes import (
+from invcoss_core.common.processes import (
     GROUP_GRACE_S,
     SUPERVISOR_ENV,
     InstanceLock,
@@ -46,7 +46,7 @@ FORKER = [
 # A supervisor that starts one child through die_with_parent and one plainly, prints both pids, and waits.
 SUPERVISOR = """
 import json, subprocess, sys, time
-from invcoss_core.processes import die_with_parent
+from invcoss_core.common.processes import die_with_parent
 sleeper = json.loads(sys.argv[1])
 guarded = subprocess.Popen(die_with_parent(sleeper, group=sys.argv[2] == "group"))
 plain = subprocess.Popen(sleeper)
@@ -79,7 +79,7 @@ def test_a_child_started_with_die_with_parent_stops_when_its_supervisor_is_kille
     guarded, plain = json.loads(supervisor.stdout.readline())
     try:
         # the wrapper has exec'd the command (so the kernel setting is in place) once its command line is the sleeper's
-        assert _wait(lambda: "invcoss_core.processes" not in _cmdline(guarded) and _cmdline(guarded), 10)
+        assert _wait(lambda: "invcoss_core.common.processes" not in _cmdline(guarded) and _cmdline(guarded), 10)
         supervisor.kill()  # SIGKILL: the supervisor cannot clean up
         supervisor.wait()
         assert _wait(lambda: not pid_alive(guarded), 5), "the guarded child outlived its supervisor"
@@ -167,7 +167,7 @@ def test_stopping_a_group_child_in_order_stops_its_tree_and_its_reaper(tmp_path:
 
 def test_the_wrapper_refuses_to_start_a_child_of_a_supervisor_that_is_already_gone() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "invcoss_core.processes", "--die-with", "1", "--", *SLEEPER],
+        [sys.executable, "-m", "invcoss_core.common.processes", "--die-with", "1", "--", *SLEEPER],
         capture_output=True,
         timeout=30,
         check=False,
@@ -182,7 +182,7 @@ def test_instance_lock_refuses_a_second_holder_and_is_freed_when_the_holder_dies
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from invcoss_core.processes import InstanceLock; "
+            "import sys, time; from pathlib import Path; from invcoss_core.common.processes import InstanceLock; "
             "InstanceLock(Path(sys.argv[1])).acquire('a test holder'); print('held', flush=True); time.sleep(60)",
             str(path),
         ],
@@ -213,7 +213,7 @@ def test_watch_supervisor_calls_back_once_the_named_supervisor_is_gone(monkeypat
         [
             sys.executable,
             "-c",
-            "import json, time; from invcoss_core.processes import supervisor_env; "
+            "import json, time; from invcoss_core.common.processes import supervisor_env; "
             "print(json.dumps(supervisor_env()), flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from invcoss_core.common.events import ProgressEvent
 from invcoss_core.config import StageConfig
 from invcoss_core.data import TensorImages
-from invcoss_core.events import ProgressEvent
 from invcoss_core.training import NonFiniteLossError, StageError, run_stage
 from invcoss_core.training.checkpoint import CheckpointError
 from invcoss_core.training.schedule import lr_at

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invcoss_core.events import ProgressEvent
+from invcoss_core.common.events import ProgressEvent
 from invcoss_core.inversion.preview import preview_png
 from invcoss_core.inversion.synthesize import (
     Synthesizer,

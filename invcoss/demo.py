@@ -21,12 +21,12 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from invcoss.localfed import FederationError, LocalFederation, LocalSite, split_by_subject
 from invcoss_core.artifact import ArtifactError, check_lineage, decode_artifact, read_artifact_files
-from invcoss_core.cli_support import fail, timestamped
+from invcoss_core.common.cli_support import fail, timestamped
+from invcoss_core.common.eventlog import EventTailer
+from invcoss_core.common.signing import load_public_key
 from invcoss_core.config import MODALITIES
-from invcoss_core.eventlog import EventTailer
-from invcoss_core.signing import load_public_key
-from server.localfed import FederationError, LocalFederation, LocalSite, split_by_subject
 from server.state import StateLayout
 
 DEMO_SITES: tuple[tuple[str, str], ...] = (("A", "ct"), ("B", "mri"), ("C", "pathology"))

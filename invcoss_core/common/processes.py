@@ -165,7 +165,7 @@ def die_with_parent(command: Sequence[str], group: bool = False) -> list[str]:
     if not sys.platform.startswith("linux"):
         return list(command)
     mode = "--die-with-group" if group else "--die-with"
-    return [sys.executable, "-m", "invcoss_core.processes", mode, str(os.getpid()), "--", *command]
+    return [sys.executable, "-m", "invcoss_core.common.processes", mode, str(os.getpid()), "--", *command]
 
 
 GROUP_GRACE_S = 3.0  # what is left of a group gets this long to stop by itself once its leader or supervisor is gone
@@ -337,8 +337,9 @@ def watch_supervisor(on_gone: Callable[[int], None], interval_s: float = 1.0) ->
             stop()
 
 
-if __name__ == "__main__":  # the die_with_parent wrapper: python -m invcoss_core.processes --die-with PID -- CMD...
+# The die_with_parent wrapper: python -m invcoss_core.common.processes --die-with PID -- CMD...
+if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) < 4 or args[0] not in ("--die-with", "--die-with-group") or args[2] != "--":
-        sys.exit("usage: python -m invcoss_core.processes --die-with[-group] PARENT_PID -- COMMAND [ARGS...]")
+        sys.exit("usage: python -m invcoss_core.common.processes --die-with[-group] PARENT_PID -- COMMAND [ARGS...]")
     _exec_dying_with(int(args[1]), args[3:], group=args[0] == "--die-with-group")

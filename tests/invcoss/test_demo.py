@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from invcoss_core.eventlog import emit_event
-from server.demo import _Progress
-from server.localfed import LocalFederation, LocalSite
+from invcoss.demo import _Progress
+from invcoss.localfed import LocalFederation, LocalSite
+from invcoss_core.common.eventlog import emit_event
 
 
 def test_progress_says_waits_failed_attempts_and_retries_once(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_progress_of_a_running_stage_is_its_sites_latest_step_read_as_the_file_g
 def test_sites_topology_parses_in_stage_order_and_names_mistakes() -> None:
     import pytest
 
-    from server.demo import TopologyError, parse_topology
+    from invcoss.demo import TopologyError, parse_topology
 
     assert parse_topology("ct=2, mri=2,pathology=1") == [("ct", 2), ("mri", 2), ("pathology", 1)]
     for bad, message in (("ct=0", "COUNT ≥ 1"), ("bone=2", "MODALITY one of"), ("ct=2,ct=1", "twice"), ("", "empty")):
@@ -60,7 +60,7 @@ def test_sites_topology_parses_in_stage_order_and_names_mistakes() -> None:
 
 
 def test_consortium_plan_gives_each_site_whole_subjects(tmp_path: Path) -> None:
-    from server.demo import consortium_plan
+    from invcoss.demo import consortium_plan
     from tests.integration.conftest import generated_site_data
 
     samples = generated_site_data(tmp_path / "samples")
@@ -71,7 +71,7 @@ def test_consortium_plan_gives_each_site_whole_subjects(tmp_path: Path) -> None:
     assert held == [["subject0.nii.gz"], ["subject1.nii.gz"]]
     import pytest
 
-    from server.localfed import FederationError
+    from invcoss.localfed import FederationError
 
     with pytest.raises(FederationError, match="2 subject"):
         consortium_plan(samples, [("ct", 3)], tmp_path / "more")

@@ -25,8 +25,8 @@ from typing import Any
 
 import tomli_w
 
-from invcoss_core.processes import executable
-from invcoss_core.signing import generate_private_key, private_key_openssh, public_key_openssh
+from invcoss_core.common.processes import executable
+from invcoss_core.common.signing import generate_private_key, private_key_openssh, public_key_openssh
 from server.config import load_federation_config
 from server.handoff import enroll_key
 from server.pki import DEFAULT_SANS, create_certificates

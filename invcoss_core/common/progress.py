@@ -16,7 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from invcoss_core.events import EventSink, ProgressEvent
+from invcoss_core.common.events import EventSink, ProgressEvent
 
 
 @contextmanager

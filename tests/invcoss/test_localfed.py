@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.localfed import LocalFederation, LocalSite, ProcessExitedError, _ephemeral_low, free_port, log_tail
+from invcoss.localfed import LocalFederation, LocalSite, ProcessExitedError, _ephemeral_low, free_port, log_tail
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
