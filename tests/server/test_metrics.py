@@ -47,3 +47,35 @@ def test_events_update_the_coordinator_metrics(tmp_path: Path) -> None:
     port = serve_metrics(metrics.registry, "127.0.0.1", 0, "federation.toml")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         assert b"invcoss_coordinator_stage_seconds_bucket" in response.read()
+
+
+def test_consortium_events_show_rounds_contributions_and_gate_verdicts() -> None:
+    metrics = CoordinatorMetrics(plan_stages=2)
+    for event in (
+        {"kind": "step_sent", "stage": 1, "step": "round", "round": 1, "site": "A1", "bytes": 500},
+        {
+            "kind": "round_done",
+            "stage": 1,
+            "round": 1,
+            "rounds": 2,
+            "sites": {"A1": {"num_examples": 40, "loss": 0.5}, "A2": {"num_examples": 20, "loss": 0.25}},
+            "missing": [],
+        },
+        {
+            "kind": "round_done",
+            "stage": 1,
+            "round": 2,
+            "rounds": 2,
+            "sites": {"A1": {"num_examples": 40, "loss": 0.4}},
+            "missing": ["A2"],
+        },
+        {"kind": "gate_verdicts", "stage": 1, "site": "A2", "checked": 8, "blocked": 3},
+    ):
+        metrics.apply(event)
+    text = generate_latest(metrics.registry).decode()
+    assert 'invcoss_coordinator_rounds_done_total{stage="1"} 2.0' in text
+    assert 'invcoss_coordinator_round_samples{site="A2",stage="1"} 20.0' in text
+    assert 'invcoss_coordinator_round_loss{site="A1",stage="1"} 0.4' in text
+    assert 'invcoss_coordinator_round_missing_sites_total{site="A2"} 1.0' in text
+    assert 'invcoss_coordinator_gate_blocked{site="A2",stage="1"} 3.0' in text
+    assert 'invcoss_coordinator_step_bytes_out_total{site="A1",step="round"} 500.0' in text
