@@ -19,6 +19,7 @@ from invcoss_core.events import EventSink, ProgressEvent, discard
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
+from invcoss_core.training import distributed
 from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
 from invcoss_core.training.schedule import lr_at
@@ -156,6 +157,7 @@ def train_stage(
         NonFiniteLossError: on a NaN/inf loss.
     """
     tc = config.train
+    ranks = distributed.current()  # a data-parallel rank (see distributed.py), or None for one process
     n = len(train_data)  # type: ignore[arg-type]
     batch_size = min(tc.batch_size, n)
     steps_per_epoch = tc.steps_per_epoch or max(1, n // batch_size)
@@ -202,9 +204,7 @@ def train_stage(
         )
         loader = DataLoader(
             train_data,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=True,
+            batch_sampler=distributed.rank_batches(sampler, batch_size, ranks),  # a rank: its slice of each batch
             num_workers=tc.num_workers,
             pin_memory=device.type == "cuda",
         )
@@ -222,8 +222,8 @@ def train_stage(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = batch.to(device, non_blocking=True)
-            noise = student.masking_noise(x.shape[0], modality, generator, device)
-            record = last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
+            noise = distributed.shard(student.masking_noise(batch_size, modality, generator, device), ranks)
+            record = ranks is None and last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
             replay_loss: torch.Tensor | None = None
             with _autocast(device, tc.amp):
                 if record:
@@ -261,7 +261,7 @@ def train_stage(
                     if window_first == step_in_epoch
                     else f"one of steps {window_first}-{step_in_epoch}"
                 )
-                mae_w, replay_w, total_w = window.tolist()
+                mae_w, replay_w, total_w = distributed.average_(window, ranks).tolist()
                 loss_sum += _check_finite(mae_w, "the MAE loss", epoch + 1, steps)
                 replay_sum += _check_finite(replay_w, replay_what, epoch + 1, steps)
                 _check_finite(total_w, "the total loss", epoch + 1, steps)
@@ -279,6 +279,7 @@ def train_stage(
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            distributed.average_gradients(student, ranks)
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()
@@ -287,7 +288,7 @@ def train_stage(
         if replay_steps:
             history["replay"].append(replay_sum / replay_steps)
         epoch_seconds = time.perf_counter() - epoch_start
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and distributed.is_main(ranks):
             save_checkpoint(
                 checkpoint_dir,
                 Checkpoint(epoch + 1, fingerprint, student.state_dict(), optimizer.state_dict(), history),
@@ -306,10 +307,12 @@ def train_stage(
                 },
             )
         )
+    if not distributed.is_main(ranks):
+        return {}, history, start_epoch, time.perf_counter() - started, seen  # rank 0 records the statistics
     if recorder.count == 0:
-        # Resumed after the last epoch finished: record the statistics in one extra pass without updates.
+        # Resumed after the last epoch finished, or rank 0 of several: record the statistics in one extra pass.
         record_statistics(student, recorder, train_data, batch_size, modality, device, config.seed)
-    return recorder.result(), history, start_epoch, time.perf_counter() - started, seen
+    return recorder.result(), history, start_epoch, time.perf_counter() - started, seen * distributed.world_size(ranks)
 
 
 @torch.no_grad()
@@ -331,6 +334,7 @@ def record_statistics(
             model.forward_encoder(x, modality, noise=model.masking_noise(x.shape[0], modality, generator, device))
 
 
+@distributed.data_parallel  # config.devices > 1 or torchrun: train on several ranks, rank 0 hands off
 def run_stage(
     *,
     config: StageConfig,
@@ -346,11 +350,13 @@ def run_stage(
     events: EventSink = discard,
     replay: ReplayStrategy | None = None,
     check_every: int | None = None,
-) -> StageResult:
+) -> StageResult | None:
     """Train one continual stage and produce its hand-off artifact.
 
     Args:
-        config: profile + overrides; `config.replay.strategy` picks the replay unless `replay` is given.
+        config: profile + overrides; `config.replay.strategy` picks the replay unless `replay` is given;
+            `config.devices` > 1 (or a torchrun launch) trains on data-parallel ranks (`distributed.data_parallel`)
+            and every caller gets rank 0's result.
         modality: this stage's modality; `train_data` yields (C, *img_size) float32 samples of it in [0, 1].
         incoming: the previous stage's verified artifact (None for the first stage).
         out_dir: where the artifact directory is written (atomically); None keeps it in memory only.
@@ -362,7 +368,8 @@ def run_stage(
     Returns:
         StageResult with the artifact's files and training figures.
     Raises:
-        StageError: for an unknown modality, an empty dataset, an architecture mismatch or a non-finite loss.
+        StageError: for an unknown modality, an empty dataset, an architecture mismatch, a non-finite loss or a lost
+            rank of a multi-process stage.
     """
     device = torch.device(device)
     config.model.spec(modality)
@@ -398,6 +405,8 @@ def run_stage(
         events=events,
         check_every=check_every,
     )
+    if not distributed.is_main(distributed.current()):
+        return None  # rank 0 alone produces the replay and the artifact
     student.eval()
     outcome = strategy.end_stage(ctx, train_data, stats)
     modalities = [*(incoming.manifest.modalities if incoming else []), modality]
