@@ -22,6 +22,7 @@ from invcoss_core.stats import FeatureStatsRecorder, merge_stats
 from invcoss_core.training import distributed
 from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
+from invcoss_core.training.precision import autocast, training_precision
 from invcoss_core.training.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def default_check_every(device: torch.device) -> int:
 
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    return autocast(device, training_precision(device, enabled))  # bf16 where the GPU supports it, else float32
 
 
 def train_stage(
@@ -434,6 +435,7 @@ def run_stage(
         privacy_gate=outcome.gate,
         metrics=metrics,
         signer=signer,
+        precision=training_precision(device, config.train.amp),
     )
     artifact = decode_artifact(files, source=f"stage {stage_index} output")
     if out_dir is not None:
