@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import json
 import logging
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
 
-from invcoss_core.events import discard
+from invcoss_core.events import EventSink, ProgressEvent, discard
 
 if TYPE_CHECKING:
     from invcoss_core.training.stage import StageResult
@@ -54,6 +55,9 @@ P = ParamSpec("P")
 RESULT_FILE = "result.bin"
 BUCKET_BYTES = 32 << 20  # gradients are averaged in flat buckets of this size (fewer, larger collectives)
 GROUP_TIMEOUT_S = 4 * 3600  # a torchrun follower waits this long for rank 0's inversion and artifact
+# The ranks of `launch_local` are forked, and a process forked after the CUDA driver was initialised cannot use CUDA.
+# `torch.cuda.is_available()` initialises it unless this asks it to use NVML (as `device_count()` already does).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 class DistributedError(RuntimeError):
@@ -295,8 +299,9 @@ def launch_local(
 
     The ranks are forked, so they share the already loaded dataset, the incoming artifact and the signer without
     serialising them; their group meets in a FileStore in a private temporary folder and gloo talks over `lo`.
-    When a rank dies (exit status, signal) the others are stopped and the stage fails; rerun it to resume from
-    the last epoch checkpoint.
+    Rank 0's progress events come back through a pipe as JSON and reach `options["events"]` in this process (the
+    sink's threads, e.g. a progress display, stay here). When a rank dies (exit status, signal) the others are
+    stopped and the stage fails; rerun it to resume from the last epoch checkpoint.
 
     Raises:
         DistributedError: for an impossible layout (more ranks than GPUs, CUDA already initialised, a batch that
@@ -317,27 +322,39 @@ def launch_local(
                 "lower [stage] devices (or --nproc)"
             )
     ctx = multiprocessing.get_context("fork")
+    events: EventSink = options.get("events", discard)
+    reader, writer = ctx.Pipe(duplex=False)
     with tempfile.TemporaryDirectory(prefix="invcoss-ranks-") as tmp:
         folder = Path(tmp)
         procs = [
-            ctx.Process(target=_local_rank_main, args=(stage_fn, options, rank, nproc, device, folder), daemon=False)
+            ctx.Process(
+                target=_local_rank_main, args=(stage_fn, options, rank, nproc, device, folder, writer), daemon=False
+            )
             for rank in range(nproc)
         ]
         try:
             for proc in procs:
                 proc.start()
+            writer.close()  # the ranks hold their copies; this end is theirs
             logger.info("stage running on %d local processes (%s)", nproc, "nccl" if device.type == "cuda" else "gloo")
-            failed = _wait_all(procs, poll_s)
+            failed = _wait_all(procs, poll_s, reader, events)
         finally:
             _stop(procs, stop_grace_s)
+            reader.close()
         if failed:
             raise DistributedError(_failure_message(procs, folder, failed))
         return result_from_bytes((folder / RESULT_FILE).read_bytes(), options.get("out_dir"))
 
 
-def _wait_all(procs: list[Any], poll_s: float) -> list[int]:
-    """Wait until every rank exited 0 (returns []) or one failed (returns the failed ranks seen so far)."""
+def _wait_all(procs: list[Any], poll_s: float, reader: Any, events: EventSink) -> list[int]:
+    """Relay rank 0's events until every rank exited 0 (returns []) or one failed (returns the failed ranks)."""
     while True:
+        while reader.poll():
+            try:
+                fields = json.loads(reader.recv_bytes())
+            except EOFError:  # every rank closed its end
+                break
+            events(ProgressEvent(**fields))
         codes = [p.exitcode for p in procs]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
@@ -383,10 +400,13 @@ def _local_rank_main(
     nproc: int,
     device: torch.device,
     folder: Path,
+    events: Any,
 ) -> None:
     """Body of one forked rank: join the group, train, rank 0 writes its result for the launcher; never returns."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the launcher instead of training on
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # Inherited handlers may belong to a display whose lock another thread of the launcher held at the fork.
+    logging.root.handlers = [logging.StreamHandler()]
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: the ranks talk over loopback only
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
@@ -396,8 +416,8 @@ def _local_rank_main(
     try:
         store = dist.FileStore(str(folder / "store"), nproc)
         with process_group(ranks, device, store) as rank_device:
-            options = {**options, "device": rank_device, **({} if ranks.is_main else {"events": discard})}
-            result = stage_fn(**options)
+            sink = _pipe_sink(events) if ranks.is_main else discard
+            result = stage_fn(**{**options, "device": rank_device, "events": sink})
         if result is not None:
             tmp = folder / f".{RESULT_FILE}"
             tmp.write_bytes(result_to_bytes(result))
@@ -409,6 +429,15 @@ def _local_rank_main(
     finally:
         logging.shutdown()
         os._exit(code)  # skip the atexit handlers inherited from the launching process
+
+
+def _pipe_sink(connection: Any) -> EventSink:
+    """An event sink that sends each event as JSON to the launcher's end of a pipe."""
+
+    def send(event: ProgressEvent) -> None:
+        connection.send_bytes(json.dumps(dataclasses.asdict(event)).encode())
+
+    return send
 
 
 def result_to_bytes(result: StageResult) -> bytes:

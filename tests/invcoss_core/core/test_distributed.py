@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, SequentialSampler
 
 from invcoss_core.config import ConfigError, StageConfig
 from invcoss_core.data import TensorImages
+from invcoss_core.events import ProgressEvent
 from invcoss_core.training import StageError, StageResult, run_stage
 from invcoss_core.training.distributed import DistributedError, RankInfo, env_rank_info, rank_batches, shard
 from tests.helpers import make_config, structured_images
@@ -38,8 +39,13 @@ def one_process(data: TensorImages) -> StageResult:
 
 
 @pytest.fixture(scope="module")
-def two_processes(data: TensorImages) -> StageResult:
-    return run_stage(config=_config(2), modality="ct", train_data=data, run_id="r")
+def rank0_events() -> list[ProgressEvent]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def two_processes(data: TensorImages, rank0_events: list[ProgressEvent]) -> StageResult:
+    return run_stage(config=_config(2), modality="ct", train_data=data, run_id="r", events=rank0_events.append)
 
 
 def test_two_gloo_processes_follow_the_one_process_loss_curve(
@@ -50,6 +56,14 @@ def test_two_gloo_processes_follow_the_one_process_loss_curve(
     assert two_processes.epoch_losses[-1] < two_processes.epoch_losses[0]  # it trained
     for key, value in one_process.artifact.weights.items():
         torch.testing.assert_close(two_processes.artifact.weights[key], value, rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_rank_0_progress_reaches_the_callers_sink(
+    two_processes: StageResult, rank0_events: list[ProgressEvent]
+) -> None:
+    epoch_ends = [e for e in rank0_events if "epoch_loss" in e.metrics]
+    assert [e.epoch for e in epoch_ends] == [1, 2, 3]  # once each: rank 1's events are not relayed
+    assert [e.metrics["epoch_loss"] for e in epoch_ends] == pytest.approx(two_processes.epoch_losses)
 
 
 def test_two_processes_hand_off_the_one_process_artifact_format(
@@ -124,3 +138,22 @@ def test_launcher_variables_are_read_and_checked(monkeypatch: pytest.MonkeyPatch
         env_rank_info()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert env_rank_info() is None
+
+
+def test_stage_command_trains_on_nproc_processes_and_refuses_a_batch_that_does_not_divide(
+    sample_data: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from invcoss_core import cli
+    from invcoss_core.artifact import read_artifact_dir
+
+    args = ["stage", "--site-data", str(sample_data), "--modality", "ct", "--profile", "tiny", "--epochs", "1"]
+    args += ["--device", "cpu", "--quiet"]
+    done = CliRunner().invoke(cli.app, [*args, "--nproc", "2", "--out", str(tmp_path / "two")])
+    assert done.exit_code == 0, done.output
+    assert read_artifact_dir(tmp_path / "two").manifest.stage_index == 1
+    refused = CliRunner().invoke(cli.app, [*args, "--nproc", "3", "--out", str(tmp_path / "three")])
+    assert refused.exit_code != 0
+    assert "multiple of devices" in refused.output
+    assert not (tmp_path / "three").exists()
