@@ -10,8 +10,11 @@ flip per axis, a random 90° rotation in the last two axes, intensity × U(0.9, 
 - `monai-cache`: MONAI `CacheDataset`: the preprocessed images cached in memory (float32), MONAI's random
   transforms (`RandSpatialCropd`, `RandFlipd`, `RandRotate90d`, `RandScaleIntensityd`, `RandShiftIntensityd`);
 - `monai-persistent`: MONAI `PersistentDataset`: the preprocessed images cached on disk, loaded per sample;
-- `ours`: our own cache (`CachedCrops` below): the preprocessed images as float16 in memory with their foreground
-  voxel indices, crops as views, augmentation with torch ops, float32 out.
+- `ours`: our own cache (`CachedCrops` below): the preprocessed images as float16 in memory with a sample of their
+  foreground voxel indices, crops as views, augmentation with torch ops, float32 out;
+- `ours-fp16`: the same cache, but the workers cut, flip and turn in float16 and hand float16 to the trainer; the
+  intensity scale and shift (two multiply-adds on the batch) are left to the training device, which is not
+  timed here (the stage would cast the batch to float32 there; not wired into the stage yet).
 
 The consumption it is compared with — what a ViT-B MAE step takes in at `base` sizes — is stated with its source:
 (1) measured: the only GPU run of the base model (H100, docs/results/gpu-h100-partial and gpu-h100-short) took
@@ -97,12 +100,14 @@ def prepare(item: Item) -> np.ndarray:
     return fit_size(prepared.array, item.spec.img_size, pad_value(prepared.kind)).astype(np.float32)
 
 
-def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, rng: np.random.Generator, intensity: bool = True) -> torch.Tensor:
     """Random flips per spatial axis, a random 90° turn in the last two axes, intensity scale and shift; (C, ...)."""
     dims = [d for d in range(1, x.dim()) if rng.random() < 0.5]
     if dims:
         x = torch.flip(x, dims)
     x = torch.rot90(x, int(rng.integers(4)), dims=(x.dim() - 2, x.dim() - 1))
+    if not intensity:
+        return x.contiguous()
     scale, shift = 1 + rng.uniform(-0.1, 0.1), rng.uniform(-0.1, 0.1)
     return (x * scale + shift).clamp_(0, 1).contiguous()
 
@@ -110,12 +115,16 @@ def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 class CachedCrops(Dataset[torch.Tensor]):
     """Our cache: preprocessed images as float16 plus a sample of each 3-D image's foreground voxels (crop centres).
 
-    Item i is a fresh random crop of image i % len(images) (the sampler draws images with replacement).
+    Item i is a fresh random crop of image i (the sampler draws images with replacement), float32 — or with
+    `half_out`, float16 without the intensity augmentation (left to the training device).
     """
 
-    def __init__(self, images: Sequence[np.ndarray], kinds: Sequence[str], size: Sequence[int]) -> None:
+    def __init__(
+        self, images: Sequence[np.ndarray], kinds: Sequence[str], size: Sequence[int], half_out: bool = False
+    ) -> None:
         self.images = [torch.from_numpy(a).to(torch.float16) for a in images]
         self.size = tuple(int(s) for s in size)
+        self.half_out = half_out
         rng = np.random.default_rng(0)
         self.foreground = [
             _some(np.flatnonzero(a[0] > foreground_threshold(kind)), rng) if a.ndim == 4 else np.zeros(0, np.int32)
@@ -142,6 +151,8 @@ class CachedCrops(Dataset[torch.Tensor]):
         else:
             start = (rng.random(len(spatial)) * (highs + 1)).astype(np.int64)
         window = (slice(None), *(slice(int(s), int(s) + n) for s, n in zip(start, self.size)))
+        if self.half_out:
+            return augment(image[window], rng, intensity=False)
         return augment(image[window].float(), rng)
 
 
@@ -205,8 +216,8 @@ def build_variant(name: str, items: list[Item], images: list[np.ndarray], cache_
 
     size = items[0].spec.img_size
     data = [{"item": item} for item in items]
-    if name == "ours":
-        ours = CachedCrops(images, [item.modality for item in items], size)
+    if name in ("ours", "ours-fp16"):
+        ours = CachedCrops(images, [item.modality for item in items], size, half_out=name == "ours-fp16")
         return ours, ours.nbytes
     transform = _monai_transforms(size)
     if name == "no-cache":
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="sample folder (`invcoss samples fetch`)")
     parser.add_argument("--groups", default="3d,2d", help="3d: 96³ CT + MRI crops; 2d: 224² pathology crops")
-    parser.add_argument("--variants", default="no-cache,monai-cache,monai-persistent,ours")
+    parser.add_argument("--variants", default="no-cache,monai-cache,monai-persistent,ours,ours-fp16")
     parser.add_argument("--workers", default="0,1,2,4")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per setting")

@@ -245,7 +245,7 @@ def data_parallel(stage_fn: Callable[P, StageResult | None]) -> Callable[P, Stag
                 device = torch.device(options.get("device", "cpu"))
                 ranks = env_rank_info()
                 if ranks is not None:
-                    return _run_rank(stage_fn, options, ranks, device, store=None)
+                    return _run_rank(stage_fn, options, ranks, device)
                 if options["config"].devices > 1:
                     return launch_local(stage_fn, options, options["config"].devices, device)
             result = stage_fn(*args, **kwargs)
@@ -263,10 +263,9 @@ def _run_rank(
     options: dict[str, Any],
     ranks: RankInfo,
     device: torch.device,
-    store: dist.Store | None,
 ) -> StageResult:
     """One torchrun rank: train in the group, then receive rank 0's result (all ranks return the same)."""
-    with process_group(ranks, device, store) as rank_device:
+    with process_group(ranks, device) as rank_device:
         options = {**options, "device": rank_device, **({} if ranks.is_main else {"events": discard})}
         result = stage_fn(**options)
         payload = result_to_bytes(result) if result is not None else b""

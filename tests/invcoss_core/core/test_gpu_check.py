@@ -55,3 +55,11 @@ def test_our_cache_cuts_fresh_augmented_crops_of_the_input_size() -> None:
     assert len({c.sum().item() for c in crops}) > 10  # random crops and augmentation: not one sample repeated
     assert cache.images[0].dtype == torch.float16  # the cache holds half the bytes of the float32 images
     assert (crops.flatten(1).amax(1) > 0.5).float().mean() >= 0.7  # most crops centred on the foreground
+
+
+def test_the_half_precision_variant_hands_float16_crops_without_the_intensity_change() -> None:
+    volume = np.linspace(0, 1, 40 * 36 * 30, dtype=np.float32).reshape(1, 40, 36, 30)
+    half = CachedCrops([volume], ["ct"], (16, 16, 16), half_out=True)[0]
+    assert half.dtype == torch.float16 and half.shape == (1, 16, 16, 16)
+    values = set(np.unique(volume.astype(np.float16)).tolist())
+    assert set(np.unique(half.numpy()).tolist()) <= values  # voxels moved (crop, flips, turns), none rescaled
