@@ -92,6 +92,7 @@ class Manifest(_Frozen):
     architecture: ModelConfig  # enough to rebuild the model that reads weights.safetensors
     contains_real_data: bool = False  # True only for the local real_buffer baseline
     metrics: dict[str, float] = Field(default_factory=dict)  # stage summary numbers (no patient data)
+    precision: Literal["float32", "bfloat16"] | None = None  # the stage's training precision; None: not recorded
 
     @field_validator("parent_sha256")
     @classmethod
@@ -158,6 +159,7 @@ def encode_artifact(
     metrics: Mapping[str, float] | None = None,
     signer: Callable[[bytes], bytes] | None = None,
     created_at: str | None = None,
+    precision: Literal["float32", "bfloat16"] | None = None,
 ) -> dict[str, bytes]:
     """Serialise an artifact into its files (name -> bytes).
 
@@ -165,6 +167,7 @@ def encode_artifact(
         synthetic: modality -> (N, C, *img_size) images; stored as float16.
         extras: name -> tensors, written as `<name>.safetensors` (e.g. EWC Fisher, the real buffer).
         signer: signs manifest.json's bytes (the site's private key); None leaves the artifact unsigned.
+        precision: what the stage trained in ("bfloat16" autocast on a GPU, "float32"); None: not recorded.
     Returns:
         {file name: bytes}, including manifest.json and (when signed) manifest.sig.
     Raises:
@@ -206,6 +209,7 @@ def encode_artifact(
         architecture=architecture,
         contains_real_data=contains_real,
         metrics=dict(metrics or {}),
+        precision=precision,
     )
     manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
     files[MANIFEST] = manifest_bytes

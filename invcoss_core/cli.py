@@ -88,6 +88,15 @@ def stage(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override train.epochs.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the run seed.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Data-parallel training processes (config `devices`): one per GPU (NCCL) or CPU processes (gloo); "
+            "the batch is the global batch. Several nodes: start the stage under torchrun instead.",
+        ),
+    ] = None,
     site: Annotated[str, typer.Option("--site", help="Site name written into the manifest.")] = "local",
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="Run identifier (default: the --init artifact's, or a new one).")
@@ -122,6 +131,8 @@ def stage(
         overrides["train"] = {"epochs": epochs}
     if seed is not None:
         overrides["seed"] = seed
+    if nproc is not None:
+        overrides["devices"] = nproc
     if strict is not None:
         overrides["data"] = {"strict": strict}
     try:

@@ -213,12 +213,24 @@ class StageConfig(_Frozen):
 
     profile: ProfileName = "tiny"
     seed: int = 0
+    # Data-parallel training processes at the site (torch.distributed): one per GPU with NCCL, or CPU processes
+    # with gloo; train.batch_size is the global batch and must divide by it. Site-local: site.toml `[stage]`.
+    devices: int = Field(1, gt=0)
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig())
     inversion: InversionConfig = Field(default_factory=lambda: InversionConfig())
     gate: GateConfig = Field(default_factory=lambda: GateConfig())
     data: DataConfig = Field(default_factory=lambda: DataConfig())
+
+    @model_validator(mode="after")
+    def _batch_per_device(self) -> StageConfig:
+        if self.train.batch_size % self.devices:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is the global batch of {self.devices} devices and must "
+                "divide by it: set train.batch_size to a multiple of devices"
+            )
+        return self
 
 
 def _tiny_modalities() -> dict[str, ModalitySpec]:

@@ -12,7 +12,8 @@ Layout (paths are relative to the TOML file's folder)::
     [supernode]                    # clientappio_port, activation_wait_s, restart_limit
     [metrics]                      # enabled, host, port
     [stage]                        # site-local StageConfig overrides applied over the coordinator's settings,
-                                   # e.g. data = { samples_per_volume = 64 }, train = { num_workers = 4 }
+                                   # e.g. data = { samples_per_volume = 64 }, train = { num_workers = 4 },
+                                   # devices = 2 (data-parallel processes: one per GPU, or CPU processes)
     [trust]                        # pinned_keys_dir: optional <site>.pub files of peer sites
 """
 

@@ -20,8 +20,10 @@ from invcoss_core.config import StageConfig
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
+from invcoss_core.training import distributed
 from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
+from invcoss_core.training.precision import autocast, training_precision
 from invcoss_core.training.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def default_check_every(device: torch.device) -> int:
 
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    return autocast(device, training_precision(device, enabled))  # bf16 where the GPU supports it, else float32
 
 
 def train_stage(
@@ -184,6 +186,7 @@ def train_stage(
         NonFiniteLossError: on a NaN/inf loss.
     """
     tc = config.train
+    ranks = distributed.current()  # a data-parallel rank (see distributed.py), or None for one process
     n = len(train_data)  # type: ignore[arg-type]
     batch_size = min(tc.batch_size, n)
     steps_per_epoch = tc.steps_per_epoch or max(1, n // batch_size)
@@ -234,9 +237,7 @@ def train_stage(
         )
         loader = DataLoader(
             train_data,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=True,
+            batch_sampler=distributed.rank_batches(sampler, batch_size, ranks),  # a rank: its slice of each batch
             num_workers=tc.num_workers,
             pin_memory=device.type == "cuda",
         )
@@ -254,8 +255,8 @@ def train_stage(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = batch.to(device, non_blocking=True)
-            noise = student.masking_noise(x.shape[0], modality, generator, device)
-            record = last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
+            noise = distributed.shard(student.masking_noise(batch_size, modality, generator, device), ranks)
+            record = ranks is None and last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
             replay_loss: torch.Tensor | None = None
             with _autocast(device, tc.amp):
                 if record:
@@ -293,7 +294,7 @@ def train_stage(
                     if window_first == step_in_epoch
                     else f"one of steps {window_first}-{step_in_epoch}"
                 )
-                mae_w, replay_w, total_w = window.tolist()
+                mae_w, replay_w, total_w = distributed.average_(window, ranks).tolist()
                 loss_sum += _check_finite(mae_w, "the MAE loss", epoch + 1, steps)
                 replay_sum += _check_finite(replay_w, replay_what, epoch + 1, steps)
                 _check_finite(total_w, "the total loss", epoch + 1, steps)
@@ -311,6 +312,7 @@ def train_stage(
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            distributed.average_gradients(student, ranks)
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()
@@ -319,7 +321,7 @@ def train_stage(
         if replay_steps:
             history["replay"].append(replay_sum / replay_steps)
         epoch_seconds = time.perf_counter() - epoch_start
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and distributed.is_main(ranks):
             save_checkpoint(
                 checkpoint_dir,
                 Checkpoint(epoch + 1, fingerprint, student.state_dict(), optimizer.state_dict(), history),
@@ -338,15 +340,22 @@ def train_stage(
                 },
             )
         )
-    if round_window is None and recorder.count == 0:
-        # Resumed after the last epoch finished: record the statistics in one extra pass without updates.
-        record_statistics(student, recorder, train_data, batch_size, modality, device, config.seed)
+    seconds = time.perf_counter() - started
+    if round_window is not None or not distributed.is_main(ranks):
+        # A FedAvg round records nothing (the coordinator asks for statistics after the last round); of several
+        # ranks, rank 0 records the statistics.
+        stats: dict[str, torch.Tensor] = {}
+    else:
+        if recorder.count == 0:
+            # Resumed after the last epoch finished, or rank 0 of several: record the statistics in one extra pass.
+            record_statistics(student, recorder, train_data, batch_size, modality, device, config.seed)
+        stats = recorder.result()
     return TrainOutcome(
-        stats=recorder.result() if round_window is None else {},
+        stats=stats,
         history=history,
         resumed_from_epoch=start_epoch if round_window is None else 0,
-        seconds=time.perf_counter() - started,
-        seen=seen,
+        seconds=seconds,
+        seen=seen * distributed.world_size(ranks),
         optimizer_state=optimizer.state_dict(),
     )
 
@@ -370,6 +379,7 @@ def record_statistics(
             model.forward_encoder(x, modality, noise=model.masking_noise(x.shape[0], modality, generator, device))
 
 
+@distributed.data_parallel  # config.devices > 1 or torchrun: train on several ranks, rank 0 hands off
 def run_stage(
     *,
     config: StageConfig,
@@ -385,11 +395,13 @@ def run_stage(
     events: EventSink = discard,
     replay: ReplayStrategy | None = None,
     check_every: int | None = None,
-) -> StageResult:
+) -> StageResult | None:
     """Train one continual stage and produce its hand-off artifact.
 
     Args:
-        config: profile + overrides; `config.replay.strategy` picks the replay unless `replay` is given.
+        config: profile + overrides; `config.replay.strategy` picks the replay unless `replay` is given;
+            `config.devices` > 1 (or a torchrun launch) trains on data-parallel ranks (`distributed.data_parallel`)
+            and every caller gets rank 0's result.
         modality: this stage's modality; `train_data` yields (C, *img_size) float32 samples of it in [0, 1].
         incoming: the previous stage's verified artifact (None for the first stage).
         out_dir: where the artifact directory is written (atomically); None keeps it in memory only.
@@ -401,7 +413,8 @@ def run_stage(
     Returns:
         StageResult with the artifact's files and training figures.
     Raises:
-        StageError: for an unknown modality, an empty dataset, an architecture mismatch or a non-finite loss.
+        StageError: for an unknown modality, an empty dataset, an architecture mismatch, a non-finite loss or a lost
+            rank of a multi-process stage.
     """
     device = torch.device(device)
     config.model.spec(modality)
@@ -437,6 +450,8 @@ def run_stage(
         events=events,
         check_every=check_every,
     )
+    if not distributed.is_main(distributed.current()):
+        return None  # rank 0 alone produces the replay and the artifact
     stats, history, resumed, train_seconds, seen = (
         trained.stats,
         trained.history,
@@ -471,6 +486,7 @@ def run_stage(
         privacy_gate=outcome.gate,
         metrics=metrics,
         signer=signer,
+        precision=training_precision(device, config.train.amp),
     )
     artifact = decode_artifact(files, source=f"stage {stage_index} output")
     if out_dir is not None:
