@@ -26,6 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from invcoss_core.config import ModelConfig
+from invcoss_core.privacy.report import PrivacyReport
 from invcoss_core.signing import PublicKey, verify_bytes
 
 FORMAT_VERSION = 1
@@ -92,6 +93,7 @@ class Manifest(_Frozen):
     architecture: ModelConfig  # enough to rebuild the model that reads weights.safetensors
     contains_real_data: bool = False  # True only for the local real_buffer baseline
     metrics: dict[str, float] = Field(default_factory=dict)  # stage summary numbers (no patient data)
+    privacy: PrivacyReport | None = None  # the site's membership-inference audit and policy decision (figures only)
 
     @field_validator("parent_sha256")
     @classmethod
@@ -157,6 +159,7 @@ def encode_artifact(
     privacy_gate: GateSummary | None = None,
     metrics: Mapping[str, float] | None = None,
     signer: Callable[[bytes], bytes] | None = None,
+    privacy: PrivacyReport | None = None,
     created_at: str | None = None,
 ) -> dict[str, bytes]:
     """Serialise an artifact into its files (name -> bytes).
@@ -206,6 +209,7 @@ def encode_artifact(
         architecture=architecture,
         contains_real_data=contains_real,
         metrics=dict(metrics or {}),
+        privacy=privacy,
     )
     manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
     files[MANIFEST] = manifest_bytes
