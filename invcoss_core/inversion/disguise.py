@@ -6,8 +6,10 @@ cross-correlation (NCC) with any real sample over the inverse transforms: every 
 both, in 2D), shifts up to `max_shift` pixels per axis, and zooms that undo a crop of `scales` of the side.
 NCC is invariant to intensity scale and offset by construction.
 
-Cost *(ours)*: a coarse pass at half resolution scores every real sample and keeps each candidate's `candidates`
-best; only those are searched at full resolution. Memory is bounded by the real chunk size.
+Cost *(ours)*: a coarse pass at half resolution (flips, shifts, the middle zoom) scores every real sample and
+keeps each candidate's `candidates_per_image` best; only those are searched at full resolution with every view.
+NCC is computed by convolution with box-filtered window norms (no window is materialised); memory is bounded by
+the real chunk size and a batch of 64 candidates.
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ def _flip_sets(spatial: int) -> list[tuple[int, ...]]:
 
 
 def _templates(x: torch.Tensor, scales: Sequence[float], margin: int) -> dict[tuple[int, ...], torch.Tensor]:
-    """Inverse-transformed, margin-trimmed, standardised views of (N, C, *S): {window size: (N, V, C·∏t)}."""
+    """Inverse-transformed, margin-trimmed views of (N, C, *S), each standardised to zero mean and unit norm.
+
+    Returns:
+        {window size t: (N, V, C, *t)}: V views (flips) per zoom that produced a window of that size.
+    """
     size = x.shape[2:]
     mode = "bilinear" if len(size) == 2 else "trilinear"
     out: dict[tuple[int, ...], list[torch.Tensor]] = {}
@@ -107,34 +113,40 @@ def _templates(x: torch.Tensor, scales: Sequence[float], margin: int) -> dict[tu
             )
         )
         trimmed = zoomed[(slice(None), slice(None), *(slice(margin, z - margin) for z in zoomed.shape[2:]))]
-        window = tuple(trimmed.shape[2:])
         for flip in _flip_sets(len(size)):
-            view = trimmed.flip(flip) if flip else trimmed
-            out.setdefault(window, []).append(view.reshape(x.shape[0], -1))
-    return {w: _standardise_rows(torch.stack(v, dim=1)) for w, v in out.items()}
+            out.setdefault(tuple(trimmed.shape[2:]), []).append(trimmed.flip(flip) if flip else trimmed)
+    result = {}
+    for window, views in out.items():
+        stacked = torch.stack(views, dim=1)  # (N, V, C, *t)
+        flat = _standardise_rows(stacked.reshape(*stacked.shape[:2], -1))
+        result[window] = flat.reshape(stacked.shape)
+    return result
 
 
-def _windows(real: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
-    """Every window of the given size in (M, C, *S) real samples, standardised: (M, L, C·∏window)."""
-    u = real
-    for axis, w in enumerate(window):
-        u = u.unfold(2 + axis, w, 1)  # (M, C, L1, .., w1, ..)
-    spatial = len(window)
-    m, c = real.shape[:2]
-    counts = u.shape[2 : 2 + spatial]
-    u = u.permute(0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
-    return _standardise_rows(u.reshape(m, math.prod(counts), c * math.prod(window)))
+def _best(templates: dict[tuple[int, ...], torch.Tensor], real: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """(N, M): the best NCC of each candidate's views with any window of each real sample.
 
-
-def _best(templates: dict[tuple[int, ...], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
-    """(N, M): the best NCC of each candidate's views with any window of each real sample."""
-    best = torch.full((1, real.shape[0]), -1.0, device=real.device)
+    NCC by convolution: the views are zero-mean and unit-norm, so their dot product with a window equals the dot
+    product with the centred window; dividing by the window's centred norm (from box sums of x and x²) gives the
+    correlation, without materialising the windows.
+    """
+    conv = F.conv2d if real.ndim == 4 else F.conv3d
+    pool = F.avg_pool2d if real.ndim == 4 else F.avg_pool3d
+    n = next(iter(templates.values())).shape[0]
+    best = torch.full((n, real.shape[0]), -1.0, device=real.device)
     for window, views in templates.items():
-        wins = _windows(real, window)  # (M, L, P)
-        n, v, p = views.shape
-        m, length, _ = wins.shape
-        score = (views.reshape(n * v, p) @ wins.reshape(m * length, p).T).reshape(n, v, m, length).amax(dim=(1, 3))
-        best = torch.maximum(best, score)
+        count = real.shape[1] * math.prod(window)
+        s1 = pool(real, window, stride=1).sum(dim=1) * math.prod(window)  # (M, *L) sums over channels too
+        s2 = pool(real * real, window, stride=1).sum(dim=1) * math.prod(window)
+        norm = (s2 - s1 * s1 / count).clamp_min(0).sqrt().flatten(1)  # (M, L)
+        valid = norm > 1e-6  # a constant window has no correlation (0), like the gate's pixel measure
+        for start in range(0, n, batch):
+            part = views[start : start + batch]  # (b, V, C, *t)
+            b, v = part.shape[:2]
+            dots = conv(real, part.reshape(b * v, *part.shape[2:])).flatten(2)  # (M, b·V, L)
+            ncc = torch.where(valid[:, None], dots / norm.clamp_min(1e-6)[:, None], torch.zeros_like(dots))
+            score = ncc.reshape(real.shape[0], b, v * ncc.shape[-1]).amax(dim=2).T  # (b, M)
+            best[start : start + b] = torch.maximum(best[start : start + b], score)
     return best
 
 
@@ -167,7 +179,9 @@ def copy_similarity(
         (N,) best NCC in [-1, 1] and (N,) the index of the real sample that gave it (float32 / long, CPU).
     """
     x = candidates.to(device, torch.float32)
-    coarse = _templates(_half(x), scales, max(1, max_shift // 2))
+    # The coarse pass only ranks: the middle zoom stands in for all of them (a third of the views' cost).
+    middle = [sorted(scales)[len(scales) // 2]] if scales else []
+    coarse = _templates(_half(x), middle, max(1, max_shift // 2))
     top_val: torch.Tensor | None = None
     top_idx: torch.Tensor | None = None
     offset = 0
