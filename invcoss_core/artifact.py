@@ -27,6 +27,7 @@ from safetensors.torch import save as st_save
 
 from invcoss_core.common.signing import PublicKey, verify_bytes
 from invcoss_core.config import ModelConfig
+from invcoss_core.privacy.report import PrivacyReport
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,6 +94,7 @@ class Manifest(_Frozen):
     contains_real_data: bool = False  # True only for the local real_buffer baseline
     metrics: dict[str, float] = Field(default_factory=dict)  # stage summary numbers (no patient data)
     precision: Literal["float32", "bfloat16"] | None = None  # the stage's training precision; None: not recorded
+    privacy: PrivacyReport | None = None  # the site's membership-inference audit and policy decision (figures only)
 
     @field_validator("parent_sha256")
     @classmethod
@@ -158,6 +160,7 @@ def encode_artifact(
     privacy_gate: GateSummary | None = None,
     metrics: Mapping[str, float] | None = None,
     signer: Callable[[bytes], bytes] | None = None,
+    privacy: PrivacyReport | None = None,
     created_at: str | None = None,
     precision: Literal["float32", "bfloat16"] | None = None,
 ) -> dict[str, bytes]:
@@ -210,6 +213,7 @@ def encode_artifact(
         contains_real_data=contains_real,
         metrics=dict(metrics or {}),
         precision=precision,
+        privacy=privacy,
     )
     manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
     files[MANIFEST] = manifest_bytes

@@ -197,6 +197,12 @@ class GateConfig(_Frozen):
     action: Literal["regenerate", "drop"] = "regenerate"
     max_regenerate_rounds: int = Field(2, ge=0)  # then the images still blocked are dropped
     chunk_size: int = Field(256, gt=0)  # real images compared at a time (bounds the gate's memory)
+    # Disguised copies (invcoss_core/inversion/disguise.py): best pixel correlation with any real image after undoing
+    # a flip, a shift of up to copy_max_shift pixels and a crop of copy_scales of the side; None turns it off.
+    copy_threshold: float | None = Field(0.9, gt=0, le=1)
+    copy_max_shift: int = Field(2, ge=0)
+    copy_scales: tuple[float, ...] = (0.75, 0.8125, 0.875)
+    copy_candidates: int = Field(8, gt=0)  # real images per synthetic image searched at full resolution
 
 
 class DataConfig(_Frozen):
@@ -206,6 +212,19 @@ class DataConfig(_Frozen):
     samples_per_volume: int = Field(32, gt=0)  # sub-volumes / slices / patches drawn per image file
     val_fraction: float = Field(0.2, ge=0, lt=1)  # held-out subjects for evaluation
     max_samples: int | None = Field(None, gt=0)
+
+
+class PrivacyConfig(_Frozen):
+    """Privacy audit of the hand-off (invcoss_core/privacy) and the policy that may hold it on the site."""
+
+    # Share of the site's training subjects kept out of training as the audit's non-members (by subject, seeded by
+    # the run seed); 0 turns the audit off. Fewer than 2 subjects: the audit is reported as not measured.
+    audit_fraction: float = Field(0.15, ge=0, lt=1)
+    audit_samples: int = Field(256, gt=0)  # at most this many member and non-member samples are attacked (time)
+    mask_repeats: int = Field(4, gt=0)  # random masks per sample whose losses are averaged (less mask noise)
+    max_mia_auc: float = Field(0.60, ge=0.5, le=1)  # calibrated loss-attack AUC above which the hand-off is held
+    # Operator override: hand off even above max_mia_auc; recorded in the signed manifest ("released_by_operator").
+    release_above_max: bool = False
 
 
 class StageConfig(_Frozen):
@@ -222,6 +241,7 @@ class StageConfig(_Frozen):
     inversion: InversionConfig = Field(default_factory=lambda: InversionConfig())
     gate: GateConfig = Field(default_factory=lambda: GateConfig())
     data: DataConfig = Field(default_factory=lambda: DataConfig())
+    privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
 
     @model_validator(mode="after")
     def _batch_per_device(self) -> StageConfig:

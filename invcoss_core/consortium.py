@@ -263,15 +263,14 @@ def gate_verdicts(
     Raises:
         ValueError: for an empty real set or candidates of the wrong shape.
     """
-    from invcoss_core.inversion.gate import RealReference, nearest_real
+    from invcoss_core.inversion.gate import RealReference, gate_blocks
 
     started = time.perf_counter()
     model = load_weights(config, weights, device).eval()
     if candidates.shape[0] == 0:
         return Verdicts([], time.perf_counter() - started)
     reference = RealReference(real_data, model, modality, config.gate.chunk_size, device)
-    near = nearest_real(candidates.float(), reference)
-    blocked = (near.pixel > config.gate.pixel_threshold) | (near.feature > config.gate.feature_threshold)
+    blocked = gate_blocks(candidates.float(), reference, config.gate)
     return Verdicts([not bool(b) for b in blocked], time.perf_counter() - started)
 
 
@@ -323,7 +322,11 @@ def consortium_artifact(
             checked=checked,
             blocked=checked - int(released.shape[0]),
             dropped=checked - int(released.shape[0]),
-            threshold={"pixel": config.gate.pixel_threshold, "feature": config.gate.feature_threshold},
+            threshold={
+                "pixel": config.gate.pixel_threshold,
+                "feature": config.gate.feature_threshold,
+                **({"copy": config.gate.copy_threshold} if config.gate.copy_threshold is not None else {}),
+            },
             max_similarity={},  # sites answer verdicts only: no similarity leaves a site
         )
         outcome_metrics["inversion_images"] = float(released.shape[0])

@@ -43,6 +43,8 @@ from invcoss_core.common.signing import (
     sign_bytes,
 )
 from invcoss_core.config import ConfigError, StageConfig, build_config, deep_merge
+from invcoss_core.data import SiteDataset, TensorImages
+from invcoss_core.privacy import AuditInputs, PrivacyReport, audit_split, hold_message
 from invcoss_core.replay import ReplayError, replay_class
 from invcoss_core.training import StageError, run_stage
 from site_client.config import SiteConfig
@@ -242,10 +244,11 @@ def run_site_stage(cfg: SiteConfig, request: StageRequest, private_key: PrivateK
         started = time.perf_counter()
         spec = config.model.spec(cfg.modality)
         dataset = load_site_dataset(cfg.data_dir, cfg.modality, spec, config.data, split="train", seed=config.seed)
+        train_data, audit = split_for_audit(dataset, config)
         result = run_stage(
             config=config,
             modality=cfg.modality,
-            train_data=dataset,
+            train_data=train_data,
             incoming=incoming,
             run_id=request.run_id,
             site=cfg.site,
@@ -254,11 +257,25 @@ def run_site_stage(cfg: SiteConfig, request: StageRequest, private_key: PrivateK
             device=resolve_device(cfg.device),
             signer=lambda data: sign_bytes(private_key, data),
             events=events.progress,
+            audit=audit,
         )
         if result.artifact.manifest.contains_real_data:
             raise RefusedError("the stage produced an artifact with real images; it does not leave the site")
+        privacy = result.artifact.manifest.privacy
+        if privacy is not None:
+            events.emit(
+                "privacy", stage=request.stage_index, decision=privacy.decision, figures=privacy_metrics(privacy)
+            )
+            held = hold_message(privacy)
+            if held is not None:  # no result.json: a retry runs the stage again (under the site's new settings)
+                raise RefusedError(held)
         seconds = time.perf_counter() - started
-        metrics = {**result.metrics, "stage_seconds": seconds, "train_samples": float(len(dataset))}
+        metrics = {
+            **result.metrics,
+            "stage_seconds": seconds,
+            "train_samples": float(len(train_data)),
+            **(privacy_metrics(privacy) if privacy is not None else {}),
+        }
         summary = {
             "artifact_sha256": result.artifact.sha256,
             "parent_sha256": request.parent_sha256,
@@ -282,11 +299,43 @@ def run_site_stage(cfg: SiteConfig, request: StageRequest, private_key: PrivateK
         )
 
 
+def split_for_audit(dataset: SiteDataset, config: StageConfig) -> tuple[TensorImages, AuditInputs]:
+    """The site's training samples minus its audit subjects (`privacy.audit_fraction`), and the audit's inputs.
+
+    With too few subjects nothing is held out: every sample trains and the audit is reported as not measured.
+    """
+    split = audit_split(dataset.subjects, config.privacy.audit_fraction, config.seed)
+    samples = dataset.tensors()
+    train = TensorImages(samples[split.train_index]) if split.measured else dataset
+    return train, AuditInputs(non_members=samples[split.audit_index], split=split)
+
+
+_DECISION_CODE = {"not_measured": -1.0, "released": 0.0, "held": 1.0, "released_by_operator": 2.0}
+
+
+def privacy_metrics(report: PrivacyReport) -> dict[str, float]:
+    """The audit's headline figures as stage metrics (run state, site metrics); NaN where not measured."""
+    nan = float("nan")
+    pool = report.synthetic_pool
+    return {
+        "privacy_decision": _DECISION_CODE[report.decision],
+        "privacy_audit_subjects": float(report.audit_subjects),
+        "privacy_loss_auc": report.model_loss.auc if report.model_loss else nan,
+        "privacy_calibrated_auc": report.calibrated_loss.auc if report.calibrated_loss else nan,
+        "privacy_calibrated_tpr_1pct_fpr": report.calibrated_loss.tpr_at_1pct_fpr if report.calibrated_loss else nan,
+        "privacy_pool_pixel_auc": pool.pixel.auc if pool else nan,
+        "privacy_pool_feature_auc": pool.feature.auc if pool else nan,
+        "privacy_audit_seconds": report.seconds,
+    }
+
+
 __all__ = [
     "RefusedError",
     "StageError",
+    "privacy_metrics",
     "resolve_stage_config",
     "run_site_stage",
+    "split_for_audit",
     "stage_paths",
     "verify_incoming",
 ]

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from invcoss_core.artifact import GateSummary
 from invcoss_core.config import GateConfig
+from invcoss_core.inversion.disguise import copy_similarity
 from invcoss_core.models import MultiModalMAE
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ __all__ = [
     "RealReference",
     "Regenerate",
     "apply_gate",
+    "disguised_copy",
+    "gate_blocks",
     "nearest_real",
     "summarise_similarity",
 ]
@@ -198,6 +201,29 @@ def summarise_similarity(values: torch.Tensor) -> list[float]:
     return [round(float(q), 6) for q in torch.quantile(values.float(), torch.tensor(QUANTILES))]
 
 
+def disguised_copy(images: torch.Tensor, reference: RealReference, config: GateConfig) -> torch.Tensor:
+    """(N,) best pixel correlation of each image with any real sample after undoing a flip, shift or crop-zoom.
+
+    Off (`copy_threshold` None): zeros. See `invcoss_core.inversion.disguise.copy_similarity`.
+    """
+    if config.copy_threshold is None:
+        return torch.zeros(images.shape[0])
+
+    def real_at(index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(reference.real[int(i)]) for i in index])
+
+    best, _ = copy_similarity(
+        images,
+        reference.chunks,
+        real_at,
+        max_shift=config.copy_max_shift,
+        scales=config.copy_scales,
+        candidates_per_image=config.copy_candidates,
+        device=reference.device,
+    )
+    return best
+
+
 @dataclass(frozen=True)
 class GateOutcome:
     """Images that may leave the site and what the gate measured.
@@ -244,11 +270,15 @@ def apply_gate(
     kept_features: list[torch.Tensor] = []
     kept_pix: list[torch.Tensor] = []
     kept_feat: list[torch.Tensor] = []
+    kept_copy: list[torch.Tensor] = []
     checked = blocked_total = dropped = regenerated = rounds = 0
     pending_images, pending_features = images, features
     while pending_images.shape[0] > 0:
         near = nearest_real(pending_images, reference, pending_features)
+        copy = disguised_copy(pending_images, reference, config)
         blocked = (near.pixel > config.pixel_threshold) | (near.feature > config.feature_threshold)
+        if config.copy_threshold is not None:
+            blocked |= copy > config.copy_threshold
         checked += pending_images.shape[0]
         n_blocked = int(blocked.sum())
         blocked_total += n_blocked
@@ -257,6 +287,7 @@ def apply_gate(
         kept_features.append(pending_features[keep.to(pending_features.device)])
         kept_pix.append(near.pixel[keep])
         kept_feat.append(near.feature[keep])
+        kept_copy.append(copy[keep])
         if n_blocked == 0:
             break
         logger.info(
@@ -275,18 +306,19 @@ def apply_gate(
             break
     pixel = torch.cat(kept_pix)
     feature = torch.cat(kept_feat)
+    measures = {"pixel": pixel, "feature": feature}
+    threshold = {"pixel": config.pixel_threshold, "feature": config.feature_threshold}
+    if config.copy_threshold is not None:
+        measures["copy"] = torch.cat(kept_copy)
+        threshold["copy"] = config.copy_threshold
     summary = GateSummary(
         checked=checked,
         blocked=blocked_total,
         dropped=dropped,
         regenerated=regenerated,
-        threshold={"pixel": config.pixel_threshold, "feature": config.feature_threshold},
-        max_similarity=(
-            {"pixel": round(float(pixel.max()), 6), "feature": round(float(feature.max()), 6)} if pixel.numel() else {}
-        ),
-        quantiles=(
-            {"pixel": summarise_similarity(pixel), "feature": summarise_similarity(feature)} if pixel.numel() else {}
-        ),
+        threshold=threshold,
+        max_similarity={k: round(float(v.max()), 6) for k, v in measures.items()} if pixel.numel() else {},
+        quantiles={k: summarise_similarity(v) for k, v in measures.items()} if pixel.numel() else {},
     )
     return GateOutcome(
         images=torch.cat(kept_images),
@@ -295,3 +327,19 @@ def apply_gate(
         feature=feature,
         summary=summary,
     )
+
+
+def gate_blocks(
+    images: torch.Tensor, reference: RealReference, config: GateConfig, features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N,) True where an image is too close to one of the reference's real samples, by the gate's rules.
+
+    The same rules as `apply_gate` (pixel correlation, centred feature cosine, and the disguised-copy search when
+    `copy_threshold` is set), for a caller that needs verdicts only (a consortium site gating candidates it did not
+    synthesise).
+    """
+    near = nearest_real(images, reference, features)
+    blocked = (near.pixel > config.pixel_threshold) | (near.feature > config.feature_threshold)
+    if config.copy_threshold is not None:
+        blocked |= disguised_copy(images, reference, config) > config.copy_threshold
+    return blocked

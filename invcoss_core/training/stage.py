@@ -18,6 +18,7 @@ from invcoss_core.artifact import Artifact, decode_artifact, encode_artifact, wr
 from invcoss_core.common.events import EventSink, ProgressEvent, discard
 from invcoss_core.config import StageConfig
 from invcoss_core.models import MultiModalMAE, build_model
+from invcoss_core.privacy import AuditInputs, audit_handoff
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
 from invcoss_core.training import distributed
@@ -395,6 +396,7 @@ def run_stage(
     events: EventSink = discard,
     replay: ReplayStrategy | None = None,
     check_every: int | None = None,
+    audit: AuditInputs | None = None,
 ) -> StageResult | None:
     """Train one continual stage and produce its hand-off artifact.
 
@@ -410,6 +412,8 @@ def run_stage(
         events: progress sink (CLI progress bar, site metrics).
         check_every: steps between loss read-backs (NaN check, progress); None: every step on the CPU, every 25
             on an accelerator (`default_check_every`).
+        audit: the held-out audit subjects' samples: the hand-off is attacked before it is signed (manifest
+            `privacy`); None: no audit.
     Returns:
         StageResult with the artifact's files and training figures.
     Raises:
@@ -461,6 +465,18 @@ def run_stage(
     )
     student.eval()
     outcome = strategy.end_stage(ctx, train_data, stats)
+    privacy = None
+    if audit is not None:  # after the pool exists, before the manifest is signed
+        pool = outcome.synthetic.get(modality)
+        privacy = audit_handoff(
+            config=config,
+            modality=modality,
+            student=student,
+            incoming_model=teacher,
+            members=train_data,
+            inputs=audit,
+            pool=pool,
+        )
     modalities = [*(incoming.manifest.modalities if incoming else []), modality]
     metrics = {
         "final_loss": history["loss"][-1],
@@ -487,6 +503,7 @@ def run_stage(
         metrics=metrics,
         signer=signer,
         precision=training_precision(device, config.train.amp),
+        privacy=privacy,
     )
     artifact = decode_artifact(files, source=f"stage {stage_index} output")
     if out_dir is not None:

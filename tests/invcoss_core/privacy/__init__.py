@@ -1,0 +1,1 @@
+"""Tests of the privacy audit (invcoss_core/privacy)."""
