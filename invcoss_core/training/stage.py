@@ -18,6 +18,7 @@ from invcoss_core.config import StageConfig
 from invcoss_core.events import EventSink, ProgressEvent, discard
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
+from invcoss_core.seeding import derive_seed
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
 from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
@@ -49,12 +50,6 @@ class StageResult:
     resumed_from_epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     previews: dict[str, bytes] = field(default_factory=dict)  # modality -> PNG of this stage's synthetic images
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from named parts (run seed, stage, epoch): independent streams, reproducible."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 def seeded_model(config: StageConfig, *parts: int | str) -> MultiModalMAE:
@@ -460,7 +455,6 @@ __all__ = [
     "StageError",
     "StageResult",
     "default_check_every",
-    "derive_seed",
     "load_student",
     "prepare_models",
     "run_stage",

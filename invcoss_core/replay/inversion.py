@@ -20,7 +20,7 @@ from invcoss_core.inversion.gate import apply_gate
 from invcoss_core.inversion.preview import preview_png
 from invcoss_core.inversion.synthesize import Method, Synthesizer, images_needed, mean_pairwise_cosine
 from invcoss_core.replay.base import PoolReplay, ReplayContext, ReplayOutcome
-from invcoss_core.training.stage import derive_seed
+from invcoss_core.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import torch
 from invcoss_core.artifact import MANIFEST, SIGNATURE
 from invcoss_core.config import StageConfig, build_config
 from invcoss_core.data import TensorImages
-from invcoss_core.inversion import replay as inversion_replay
 from invcoss_core.inversion.synthesize import SynthesisResult, Synthesizer
+from invcoss_core.replay import inversion as inversion_replay
 from invcoss_core.training import run_stage
 from tests.invcoss_core.inversion.conftest import FAST_INVERSION
 
