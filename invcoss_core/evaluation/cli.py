@@ -13,10 +13,9 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from invcoss_core.cli_support import console, log_handler
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SampleFetchError, SiteDataError, fetch_samples
 from invcoss_core.evaluation.bench import REPORT_FILE, RESULTS_FILE, BenchError, BenchStatus, run_bench
@@ -24,7 +23,6 @@ from invcoss_core.evaluation.data import BenchDataError, load_bench_data
 from invcoss_core.evaluation.settings import CORE_METHODS, METHODS, bench_settings
 from invcoss_core.events import EventSink, ProgressEvent
 
-console = Console(stderr=True)
 _METHOD_LIST = ", ".join(METHODS)
 BENCH_HELP = (
     "Compare continual pre-training methods on real images and measure forgetting.\n\n"
@@ -171,8 +169,7 @@ def bench(
     """Compare continual pre-training methods on real images and measure forgetting (see BENCH_HELP)."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.WARNING),
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[log_handler()],
         force=True,
     )
     if threads is not None:
