@@ -1,5 +1,8 @@
 """Our hand-written probes, k-means and statistics against scikit-learn / scipy, side by side on the bench's sizes.
 
+"Ours" is the hand-written code: the current one where we kept it (linear probe, balanced accuracy, t quantile,
+sign test) and, where the library replaced it (kNN probe, k-means: issue 31), the former torch code, kept below as
+the reference; "library" is scikit-learn / scipy, through the product's own functions where they use it.
 For each piece the same inputs go to ours and to the library, alternated `--repeats` times in this process; the
 table prints the median seconds of each, their ratio (library / ours: below 1 the library is faster) and how well
 the results agree. The sizes are those of `invcoss bench`: probe splits of the small profile's tasks (61-402 test
@@ -28,15 +31,14 @@ import numpy as np
 import scipy.stats
 import sklearn
 import torch
-from sklearn.cluster import KMeans
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from invcoss_core.evaluation.metrics import sign_test_p, t975
 from invcoss_core.evaluation.probes import balanced_accuracy, knn_predict, linear_predict
-from invcoss_core.replay.kmeans import kmeans
+from invcoss_core.replay.kmeans import KMeansResult, kmeans
 
 
 def features(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,15 +78,62 @@ def paired(ours: Callable[[], Any], library: Callable[[], Any], repeats: int) ->
     return statistics.median(ours_times), ours_result, statistics.median(lib_times), lib_result
 
 
-def sk_knn(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, k: int) -> np.ndarray:
-    """Our vote in scikit-learn's terms: cosine distance, weights = max(similarity, 0) + 1e-9."""
-    clf = KNeighborsClassifier(
-        n_neighbors=min(k, train_f.shape[0]),
-        metric="cosine",
-        algorithm="brute",
-        weights=lambda d: np.clip(1.0 - d, 0.0, None) + 1e-9,
-    )
-    return np.asarray(clf.fit(train_f.double().numpy(), train_y.numpy()).predict(test_f.double().numpy()))
+def torch_knn_predict(
+    train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int, k: int
+) -> torch.Tensor:
+    """Our former kNN probe (torch, until issue 31): similarity-weighted vote of the k nearest under cosine.
+
+    Args:
+        train_f: (N, D) features; train_y: (N,) labels; test_f: (M, D).
+    Returns:
+        (M,) predicted labels. Ties go to the lower class id (deterministic).
+    """
+    a = F.normalize(train_f.double(), dim=1)
+    b = F.normalize(test_f.double(), dim=1)
+    k = min(k, a.shape[0])
+    preds = []
+    for start in range(0, b.shape[0], 1024):
+        sim = b[start : start + 1024] @ a.T  # (m, N)
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=torch.float64)
+        votes.scatter_add_(1, train_y[idx].long(), top.clamp_min(0.0) + 1e-9)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def torch_kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> KMeansResult:
+    """Our former k-means (torch Lloyd, k-means++ seeding, until issue 31): `points` (N, D) into `k` clusters.
+
+    Raises:
+        ValueError: when k is not in [1, N].
+    """
+    n = points.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= N; got k={k}, N={n}")
+    points = points.float()
+    first = int(torch.randint(n, (1,), generator=generator))
+    centroids = [points[first]]
+    d2 = (points - centroids[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / n)
+        nxt = int(torch.multinomial(probs, 1, generator=generator))
+        centroids.append(points[nxt])
+        d2 = torch.minimum(d2, (points - points[nxt]).pow(2).sum(1))
+    c = torch.stack(centroids)
+    labels = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        dist = torch.cdist(points, c).pow(2)
+        new_labels = dist.argmin(1)
+        if torch.equal(new_labels, labels) and _ > 0:
+            break
+        labels = new_labels
+        for j in range(k):
+            members = points[labels == j]
+            if members.shape[0]:
+                c[j] = members.mean(0)
+    dist = torch.cdist(points, c).pow(2)
+    labels = dist.argmin(1)
+    return KMeansResult(centroids=c, labels=labels, distances=dist.gather(1, labels[:, None])[:, 0])
 
 
 def sk_linear(
@@ -121,7 +170,9 @@ def probe_case(
     test_f, test_y = features(n_test, dim, classes, seed=2)
     size = {"n_train": n_train, "n_test": n_test, "dim": dim}
     ours_s, ours, lib_s, lib = paired(
-        lambda: knn_predict(train_f, train_y, test_f, classes, k), lambda: sk_knn(train_f, train_y, test_f, k), repeats
+        lambda: torch_knn_predict(train_f, train_y, test_f, classes, k),
+        lambda: knn_predict(train_f, train_y, test_f, classes, k),
+        repeats,
     )
     rows = [_row(f"kNN probe, {name}", ours_s, lib_s, ours.numpy(), lib, test_y.numpy(), classes) | size]
     ours_s, ours, lib_s, lib = paired(
@@ -169,19 +220,20 @@ def kmeans_case(modality: str, n: int, repeats: int) -> dict[str, Any]:
     """k-means with k-means++ seeding, 1 % of N clusters, 25 iterations: ours and scikit-learn's."""
     points, _ = features(n, 128, 8, seed=3)
     k = max(1, round(0.01 * n))
-    fit = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=25, random_state=0).fit
     ours_s, ours, lib_s, lib = paired(
-        lambda: kmeans(points, k, 25, torch.Generator().manual_seed(0)), lambda: fit(points.numpy()), repeats
+        lambda: torch_kmeans(points, k, 25, torch.Generator().manual_seed(0)),
+        lambda: kmeans(points, k, 25, torch.Generator().manual_seed(0)),
+        repeats,
     )
-    ours_inertia = float(ours.distances.sum())
+    ours_inertia, lib_inertia = float(ours.distances.sum()), float(lib.distances.sum())
     return {
         "piece": f"k-means, {modality} N={n} k={k}",
         "ours_s": ours_s,
         "library_s": lib_s,
         "ratio": lib_s / ours_s,
-        "agreement": f"inertia {ours_inertia:.5g} vs {float(lib.inertia_):.5g}",
+        "agreement": f"inertia {ours_inertia:.5g} vs {lib_inertia:.5g}",
         "ours_inertia": ours_inertia,
-        "library_inertia": float(lib.inertia_),
+        "library_inertia": lib_inertia,
     }
 
 
