@@ -22,6 +22,7 @@ from invcoss_core.evaluation.bench import REPORT_FILE, RESULTS_FILE, BenchError,
 from invcoss_core.evaluation.data import BenchDataError, load_bench_data
 from invcoss_core.evaluation.settings import CORE_METHODS, METHODS, bench_settings
 from invcoss_core.events import EventSink, ProgressEvent
+from invcoss_core.progress import plain_progress_lines
 
 _METHOD_LIST = ", ".join(METHODS)
 BENCH_HELP = (
@@ -47,9 +48,15 @@ def _format_seconds(seconds: float | None) -> str:
 
 @contextmanager
 def bench_progress(enabled: bool = True) -> Iterator[tuple[Any, EventSink]]:
-    """Two bars: the whole benchmark (method, seed, stage, time left) and the running phase's steps."""
+    """Two bars: the whole benchmark (method, seed, stage, time left) and the running phase's steps.
+
+    Piped (stderr is no terminal), plain lines instead: one per training epoch and finished phase.
+    """
     if not enabled:
         yield (lambda _s: None), (lambda _e: None)
+        return
+    if not console.is_terminal:
+        yield (lambda _s: None), plain_progress_lines(console)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
