@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
-
 
 SAMPLES_FORMAT_VERSION = 3  # bump whenever the folder layout or its contents change: complete folders are rebuilt
 # 3: brain2's tumour mask lines up with its DICOM series read in RAS order (folders of 2 built before the readers
