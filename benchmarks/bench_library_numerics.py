@@ -174,7 +174,7 @@ def probe_case(
         lambda: knn_predict(train_f, train_y, test_f, classes, k),
         repeats,
     )
-    rows = [_row(f"kNN probe, {name}", ours_s, lib_s, ours.numpy(), lib, test_y.numpy(), classes) | size]
+    rows = [_row(f"kNN probe, {name}", ours_s, lib_s, ours.numpy(), lib.numpy(), test_y.numpy(), classes) | size]
     ours_s, ours, lib_s, lib = paired(
         lambda: linear_predict(train_f, train_y, test_f, classes, steps, 1e-3),
         lambda: sk_linear(train_f, train_y, test_f, steps, 1e-3),
