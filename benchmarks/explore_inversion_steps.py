@@ -1,6 +1,6 @@
 """Exploration: does a longer-optimised generator close `invcoss`'s CT gap to the real buffer?
 
-`docs/results/small-mri45/` (five seeds): after the MRI stage `invcoss` has lost more CT reconstruction than
+Run `small-mri45` (5 seeds, results/HISTORY.md): after the MRI stage `invcoss` has lost more CT reconstruction than
 `real_buffer` (CT rise +0.034 vs +0.004); four times the pool did not help (`explore_pool_size.py`). The small
 profile optimises the InvUNet for 100 steps on its first batch and 6 on each later one — for CT's 102 images (four
 batches) 118 steps in all. On seed 0's CT model those images stay off the real data: pixel sd 0.062 (held-out real
@@ -8,7 +8,7 @@ batches) 118 steps in all. On seed 0's CT model those images stay off the real d
 0.659 (real 0.450), L_norm 0.406. With 600 + 60 per batch (780 steps, 66 s on 2 CPU threads): sd 0.082, cover 0.771,
 self-similarity 0.473, L_norm 0.200 (`invcoss_inv600`).
 
-Result (seeds 0–4, `docs/results/small-mri45-inv600/`): CT rise +0.014 instead of +0.034, earlier-modality
+Result (seeds 0–4, run `small-mri45-inv600`): CT rise +0.014 instead of +0.034, earlier-modality
 reconstruction no longer separable from the buffer's; 600 + 60 is now the `small` preset's setting, so with the
 current code `invcoss_inv600` and `invcoss` are the same configuration (kept for reproducing the folder).
 

@@ -1,6 +1,6 @@
 """Exploration: does a larger synthetic pool close `invcoss`'s CT gap to the real buffer?
 
-`docs/results/small-mri45/` (five seeds): after the MRI stage `invcoss` has lost more CT reconstruction than
+Run `small-mri45` (5 seeds, results/HISTORY.md): after the MRI stage `invcoss` has lost more CT reconstruction than
 `real_buffer` (CT rise +0.034 vs +0.004) while MRI matches; both keep 5 % of a stage's training samples, which is
 102 images for CT and 512 for MRI. This runs `invcoss bench` with one extra method, `invcoss_pool4x`: the full
 method with `[inversion] num_images` fixed to 408 per stage (4 × 102; for MRI it is 408 instead of 512, which

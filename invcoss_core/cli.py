@@ -10,11 +10,9 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from invcoss_core.artifact import ArtifactError, read_artifact_dir
-from invcoss_core.common.cli_support import console, fail, setup_logging
+from invcoss_core.common.cli_support import console, fail, print_table, setup_logging
 from invcoss_core.common.progress import rich_progress
 from invcoss_core.common.signing import SigningKeyError, load_public_key
 from invcoss_core.config import PROFILES, ConfigError, load_config
@@ -170,24 +168,25 @@ def stage(
 
 
 def _print_stage_summary(manifest: dict[str, Any], sha: str, out: Path, result: Any) -> None:
-    table = Table(title=f"stage {manifest['stage_index']} → {out}", show_header=False)
-    table.add_row("modalities", " → ".join(manifest["modalities"]))
-    table.add_row("replay", manifest["replay"])
-    table.add_row("epoch losses", ", ".join(f"{x:.4f}" for x in result.epoch_losses))
+    rows = [
+        ("modalities", " → ".join(manifest["modalities"])),
+        ("replay", manifest["replay"]),
+        ("epoch losses", ", ".join(f"{x:.4f}" for x in result.epoch_losses)),
+    ]
     if result.replay_losses:
-        table.add_row("replay losses", ", ".join(f"{x:.4g}" for x in result.replay_losses))
-    table.add_row("train time", f"{result.train_seconds:.1f} s ({result.images_per_second:.1f} images/s)")
+        rows.append(("replay losses", ", ".join(f"{x:.4g}" for x in result.replay_losses)))
+    rows.append(("train time", f"{result.train_seconds:.1f} s ({result.images_per_second:.1f} images/s)"))
     if result.replay_seconds:
-        table.add_row("replay/inversion time", f"{result.replay_seconds:.1f} s")
-    table.add_row("synthetic images", json.dumps(manifest["synthetic"]))
+        rows.append(("replay/inversion time", f"{result.replay_seconds:.1f} s"))
+    rows.append(("synthetic images", json.dumps(manifest["synthetic"])))
     if manifest.get("privacy_gate"):
         gate = manifest["privacy_gate"]
-        table.add_row(
-            "privacy gate", f"checked {gate['checked']}, blocked {gate['blocked']}, dropped {gate['dropped']}"
+        rows.append(
+            ("privacy gate", f"checked {gate['checked']}, blocked {gate['blocked']}, dropped {gate['dropped']}")
         )
-    table.add_row("artifact bytes", str(sum(f["bytes"] for f in manifest["files"].values())))
-    table.add_row("manifest sha256", sha)
-    Console().print(table)
+    rows.append(("artifact bytes", str(sum(f["bytes"] for f in manifest["files"].values()))))
+    rows.append(("manifest sha256", sha))
+    print_table(f"stage {manifest['stage_index']} → {out}", ("field", "value"), rows, show_header=False)
 
 
 @app.command()

@@ -295,8 +295,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
             # images 0.717 vs 0.874 to the training set, pool self-similarity 0.659 vs 0.450, L_norm 0.41); at
             # 600 + 60: sd 0.082, cosine 0.771, self-similarity 0.473, L_norm 0.20, and the benchmark's CT
             # reconstruction loss after the last stage rose +0.014 instead of +0.034 (five seeds, buffer +0.004;
-            # docs/results/small-mri45-inv600). Cost: the CT inversion took 67 s instead of 11 s alone on 2 CPU
-            # threads; with three or four runs sharing two cores CT 187 s instead of 37 s, MRI 381 s instead of 84 s.
+            # run small-mri45-inv600, docs/results/HISTORY.md). Cost: the CT inversion took 67 s instead of 11 s
+            # alone on 2 CPU threads; with three or four runs sharing two cores CT 187 s instead of 37 s, MRI 381 s
+            # instead of 84 s.
             # `pixel_inversion` runs `iterations` on every batch: its bench run keeps 100 (see bench settings).
             "iterations": 600,
             "iterations_per_batch": 60,

@@ -31,11 +31,11 @@ from invcoss_core.common.events import EventSink, discard
 from invcoss_core.config import StageConfig
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.replay import PoolReplay, ReplayContext, ReplayStrategy, build_replay
+from invcoss_core.seeding import derive_seed
 from invcoss_core.stats import SufficientStats, merge_stats, record_sufficient_stats
 from invcoss_core.training.stage import (
     RoundWindow,
     StageError,
-    derive_seed,
     prepare_models,
     stage_fingerprint,
     train_stage,

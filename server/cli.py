@@ -10,10 +10,8 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from invcoss_core.common.cli_support import console, fail, setup_logging, timestamped
+from invcoss_core.common.cli_support import console, fail, out_console, print_table, setup_logging, timestamped
 from invcoss_core.config import ConfigError
 from server.config import FederationConfig, check_site_name, load_federation_config
 from server.coordinator import Coordinator, CoordinatorError
@@ -171,11 +169,8 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(state.model_dump(mode="json"), indent=2) + "\n")
         return
-    table = Table(title=f"run {state.run_id}: {state.status}")
-    for column in ("stage", "site", "modality", "status", "rounds", "attempts", "seconds", "artifact"):
-        table.add_column(column)
-    for s in state.stages:
-        table.add_row(
+    rows = [
+        (
             str(s.index),
             ", ".join(s.sites) if s.sites else s.site,
             s.modality or "-",
@@ -185,8 +180,11 @@ def status(
             f"{s.seconds:.1f}" if s.seconds is not None else "-",
             (s.artifact_sha256 or "-")[:16],
         )
-    out = Console(soft_wrap=True)  # stdout; a line stays one line in a log file
-    out.print(table)
+        for s in state.stages
+    ]
+    columns = ("stage", "site", "modality", "status", "rounds", "attempts", "seconds", "artifact")
+    print_table(f"run {state.run_id}: {state.status}", columns, rows)
+    out = out_console  # stdout: the rounds and verdicts are the command's output too
     if state.error:
         console.print(f"[red]error:[/] {state.error}")
     for s in state.stages:

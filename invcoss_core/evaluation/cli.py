@@ -13,18 +13,17 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from invcoss_core.common.cli_support import console, log_handler
 from invcoss_core.common.events import EventSink, ProgressEvent
+from invcoss_core.common.progress import plain_progress_lines
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SampleFetchError, SiteDataError, fetch_samples
 from invcoss_core.evaluation.bench import REPORT_FILE, RESULTS_FILE, BenchError, BenchStatus, run_bench
 from invcoss_core.evaluation.data import BenchDataError, load_bench_data
 from invcoss_core.evaluation.settings import CORE_METHODS, METHODS, bench_settings
 
-console = Console(stderr=True)
 _METHOD_LIST = ", ".join(METHODS)
 BENCH_HELP = (
     "Compare continual pre-training methods on real images and measure forgetting.\n\n"
@@ -49,9 +48,15 @@ def _format_seconds(seconds: float | None) -> str:
 
 @contextmanager
 def bench_progress(enabled: bool = True) -> Iterator[tuple[Any, EventSink]]:
-    """Two bars: the whole benchmark (method, seed, stage, time left) and the running phase's steps."""
+    """Two bars: the whole benchmark (method, seed, stage, time left) and the running phase's steps.
+
+    Piped (stderr is no terminal), plain lines instead: one per training epoch and finished phase.
+    """
     if not enabled:
         yield (lambda _s: None), (lambda _e: None)
+        return
+    if not console.is_terminal:
+        yield (lambda _s: None), plain_progress_lines(console)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -171,8 +176,7 @@ def bench(
     """Compare continual pre-training methods on real images and measure forgetting (see BENCH_HELP)."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.WARNING),
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[log_handler()],
         force=True,
     )
     if threads is not None:

@@ -181,7 +181,9 @@ def elementwise_mean_sd(matrices: Sequence[Matrix]) -> tuple[np.ndarray, np.ndar
 
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (standard table values); beyond 30 the
-# value for 30 is used, slightly wider than the true one (1.96 in the limit).
+# value for 30 is used, slightly wider than the true one (1.96 in the limit). Kept instead of scipy.stats.t.ppf:
+# a lookup, hundreds of times faster, and the report's intervals are defined by this table
+# (benchmarks/bench_library_numerics.py).
 _T975 = (
     12.706,
     4.303,
@@ -259,7 +261,8 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> PairedD
 
 def sign_test_p(losses: int, n: int) -> float:
     """One-sided sign test: the chance that at least `losses` of `n` seeds lose if losing and not losing were
-    equally likely (no forgetting). All 5 of 5 seeds losing gives 1/32 ≈ 0.031; 3 of 3 only 1/8.
+    equally likely (no forgetting). All 5 of 5 seeds losing gives 1/32 ≈ 0.031; 3 of 3 only 1/8. The exact sum,
+    kept instead of scipy.stats.binom.sf: the same values, far faster (benchmarks/bench_library_numerics.py).
 
     Raises:
         MetricError: unless 0 <= losses <= n and n >= 1.

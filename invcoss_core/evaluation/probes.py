@@ -1,8 +1,8 @@
 """Frozen-encoder probes: cosine kNN and a linear classifier on standardised features, scored by balanced accuracy.
 
-Both probes are deterministic functions of their inputs (no random state): kNN has no parameters, and the linear
-probe starts from zeros and runs full-batch L-BFGS, whose path depends on the data only. The train/test split is
-the probe task's own (subject-level where the labels allow it), never re-drawn here.
+Both probes are deterministic functions of their inputs (no random state): kNN (scikit-learn's) has no parameters,
+and the linear probe starts from zeros and runs full-batch L-BFGS, whose path depends on the data only. The
+train/test split is the probe task's own (subject-level where the labels allow it), never re-drawn here.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from sklearn.neighbors import KNeighborsClassifier
 
 from invcoss_core.models import MultiModalMAE
 
@@ -56,6 +58,9 @@ class ProbeScores:
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
     """Mean over the classes present in `target` of the share of their samples predicted correctly.
 
+    Kept instead of `sklearn.metrics.balanced_accuracy_score`: the same value (|diff| < 1e-9) in about a tenth of
+    the time at the bench's sizes (benchmarks/bench_library_numerics.py, docs/results/library-numerics).
+
     Args:
         pred, target: (N,) integer class ids.
     Returns:
@@ -71,27 +76,29 @@ def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int
     return sum(recalls) / len(recalls)
 
 
+def _similarity_weights(distances: np.ndarray) -> np.ndarray:
+    """Vote weights from cosine distances: the similarity, clipped at 0, plus 1e-9 so every neighbour counts."""
+    return np.clip(1.0 - distances, 0.0, None) + 1e-9
+
+
 def knn_predict(
     train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int, k: int
 ) -> torch.Tensor:
-    """Similarity-weighted vote of the k nearest training samples under cosine similarity.
+    """Similarity-weighted vote of the k nearest training samples under cosine similarity (scikit-learn).
+
+    scikit-learn's brute-force neighbours gave the same labels as our former torch vote on every test sample at
+    the bench's sizes, in no more time (benchmarks/bench_library_numerics.py, docs/results/library-numerics).
 
     Args:
-        train_f: (N, D) features; train_y: (N,) labels; test_f: (M, D).
+        train_f: (N, D) features; train_y: (N,) labels in [0, num_classes); test_f: (M, D).
     Returns:
-        (M,) predicted labels. Ties go to the lower class id (deterministic).
+        (M,) predicted labels (int64). Ties go to the lower class id (deterministic).
     """
-    a = F.normalize(train_f.double(), dim=1)
-    b = F.normalize(test_f.double(), dim=1)
-    k = min(k, a.shape[0])
-    preds = []
-    for start in range(0, b.shape[0], 1024):
-        sim = b[start : start + 1024] @ a.T  # (m, N)
-        top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=torch.float64)
-        votes.scatter_add_(1, train_y[idx].long(), top.clamp_min(0.0) + 1e-9)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
+    classifier = KNeighborsClassifier(
+        n_neighbors=min(k, train_f.shape[0]), metric="cosine", algorithm="brute", weights=_similarity_weights
+    )
+    classifier.fit(train_f.double().numpy(), train_y.long().numpy())
+    return torch.from_numpy(np.asarray(classifier.predict(test_f.double().numpy()), dtype=np.int64))
 
 
 def linear_predict(
@@ -103,6 +110,10 @@ def linear_predict(
     weight_decay: float,
 ) -> torch.Tensor:
     """Multinomial logistic regression on standardised features, class-balanced, full-batch L-BFGS from zeros.
+
+    Kept instead of scikit-learn's `LogisticRegression`: it reaches our labels only at tol 1e-8, and then takes
+    1.6-2x our time at the CPU bench's sizes (0.86x at the base profile's cap; benchmarks/bench_library_numerics.py,
+    docs/results/library-numerics).
 
     Args:
         train_f: (N, D); train_y: (N,); test_f: (M, D).

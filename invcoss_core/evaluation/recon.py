@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from invcoss_core.evaluation.probes import stride_indices
 from invcoss_core.models import MultiModalMAE
+from invcoss_core.seeding import derive_seed
 from invcoss_core.training.schedule import lr_at
-from invcoss_core.training.stage import derive_seed
 
 
 class ReconSettings(BaseModel):

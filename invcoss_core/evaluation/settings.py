@@ -187,16 +187,16 @@ _SMALL = BenchSettings(
     # +0.177 with a seed spread of 0.100 (per seed +0.126 / +0.292 / +0.113), under the 2x-spread criterion.
     # The first stage is trained to convergence: at 2000 steps the held-out CT loss was still falling (0.771; 0.658
     # at 6000, flat over the last 1000) and the CT probes' margin over a random encoder was half of what it became
-    # (benchmarks/bench_stage_convergence.py) — too little learned for the probes to see it forgotten. The runs in
-    # docs/results/small-ras used (2000, 1500, 3000) in 5 epochs (`--stage-steps 2000,1500,3000 --epochs-per-stage 5`).
-    # The MRI stage is trained to convergence as well: at 1500 steps (the runs in docs/results/small-ct6k-fixed) its
-    # held-out loss was 0.956 and the MRI probes gained +1.6 / -1.0 points over a random encoder, so their later
-    # change was noise; at 4500 the loss is 0.879 and the gain +6.8 / +10.9 (docs/results/small-mri45).
+    # (benchmarks/bench_stage_convergence.py) — too little learned for the probes to see it forgotten. The run
+    # small-ras (docs/results/HISTORY.md) used (2000, 1500, 3000) in 5 epochs (`--stage-steps 2000,1500,3000
+    # --epochs-per-stage 5`). The MRI stage is trained to convergence as well: at 1500 steps (run small-ct6k-fixed)
+    # its held-out loss was 0.956 and the MRI probes gained +1.6 / -1.0 points over a random encoder, so their later
+    # change was noise; at 4500 the loss is 0.879 and the gain +6.8 / +10.9 (run small-mri45).
     stage_steps=(6000, 4500, 3000),
     epochs_per_stage=6,
     # A joint step is one CT batch plus one batch of MRI or pathology in turn: 9000 steps give CT more batches than
     # converged its own stage and the later modalities at least their sequential stages' (4500 MRI, 4500 pathology;
-    # docs/results/small-ct6k-fixed used 6000 with MRI 1500, docs/results/small-ras 2000: `--joint-steps N`).
+    # runs small-ct6k-fixed used 6000 with MRI 1500, small-ras 2000: `--joint-steps N`).
     joint_steps=9000,
     seeds=3,
     ablation_seeds=1,
@@ -206,7 +206,7 @@ _SMALL = BenchSettings(
     },
     # The pixels ablation optimises every batch for `iterations` steps: at the preset's 600 (set for the generator's
     # first batch) its MRI inversion alone would take ~9600 steps. 100 per batch gives it about the generator's
-    # budget (CT 400 vs 780 steps, MRI 1600 vs 1500), as in the runs in docs/results/small-mri45 (whose stored
+    # budget (CT 400 vs 780 steps, MRI 1600 vs 1500), as in run small-mri45 (docs/results/HISTORY.md; its stored
     # runs stay valid: `iterations_per_batch`, unused by pixels, keeps their 6 too).
     method_config={"pixel_inversion": {"inversion": {"iterations": 100, "iterations_per_batch": 6}}},
     # Every probe task is cross-validated over its subjects (or region cuts): with two or three subjects per task,

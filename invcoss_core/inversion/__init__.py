@@ -12,7 +12,6 @@ from invcoss_core.inversion.losses import (
     tv_loss,
 )
 from invcoss_core.inversion.preview import preview_png
-from invcoss_core.inversion.replay import InversionReplay, PixelInversionReplay
 from invcoss_core.inversion.synthesize import (
     InversionError,
     SynthesisResult,
@@ -27,11 +26,9 @@ __all__ = [
     "GateOutcome",
     "InvUNet",
     "InversionError",
-    "InversionReplay",
     "InversionTerms",
     "LossShapeError",
     "NearestReal",
-    "PixelInversionReplay",
     "RealReference",
     "SynthesisResult",
     "Synthesizer",

@@ -12,6 +12,7 @@ from invcoss_core.replay.base import (
     ReplayStrategy,
 )
 from invcoss_core.replay.ewc import EWCReplay
+from invcoss_core.replay.inversion import InversionReplay, PixelInversionReplay
 from invcoss_core.replay.none import NoReplay
 from invcoss_core.replay.real_buffer import RealBufferReplay
 
@@ -22,14 +23,12 @@ def replay_class(name: str) -> type[ReplayStrategy]:
     Raises:
         ReplayError: for an unknown name.
     """
-    if name in ("inversion", "pixel_inversion"):
-        from invcoss_core.inversion.replay import InversionReplay, PixelInversionReplay
-
-        return InversionReplay if name == "inversion" else PixelInversionReplay
     classes: dict[str, type[ReplayStrategy]] = {
         NoReplay.name: NoReplay,
         RealBufferReplay.name: RealBufferReplay,
         EWCReplay.name: EWCReplay,
+        InversionReplay.name: InversionReplay,
+        PixelInversionReplay.name: PixelInversionReplay,
     }
     if name not in classes:
         raise ReplayError(
@@ -45,7 +44,9 @@ def build_replay(config: StageConfig) -> ReplayStrategy:
 
 __all__ = [
     "EWCReplay",
+    "InversionReplay",
     "NoReplay",
+    "PixelInversionReplay",
     "PoolReplay",
     "RealBufferReplay",
     "ReplayBatch",

