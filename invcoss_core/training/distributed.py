@@ -38,16 +38,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import Any, ParamSpec
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
 
 from invcoss_core.common.events import EventSink, ProgressEvent, discard
-
-if TYPE_CHECKING:
-    from invcoss_core.training.stage import StageResult
+from invcoss_core.training.outcome import StageError, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +235,6 @@ def data_parallel(stage_fn: Callable[P, StageResult | None]) -> Callable[P, Stag
 
     @functools.wraps(stage_fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> StageResult:
-        from invcoss_core.training.stage import StageError
-
         options: dict[str, Any] = dict(kwargs)
         try:
             if current() is None:
@@ -460,7 +456,6 @@ def result_to_bytes(result: StageResult) -> bytes:
 def result_from_bytes(data: bytes, out_dir: Path | str | None) -> StageResult:
     """The StageResult that `result_to_bytes` wrote (the artifact decoded again from its files)."""
     from invcoss_core.artifact import decode_artifact
-    from invcoss_core.training.stage import StageResult
 
     (length,) = struct.unpack(">Q", data[:8])
     header = json.loads(data[8 : 8 + length])

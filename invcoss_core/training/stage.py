@@ -7,9 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -25,56 +23,17 @@ from invcoss_core.stats import FeatureStatsRecorder, merge_stats
 from invcoss_core.training import distributed
 from invcoss_core.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from invcoss_core.training.losses import feature_distillation, intra_modal_mixup
+from invcoss_core.training.outcome import (
+    NonFiniteLossError,
+    RoundWindow,
+    StageError,
+    StageResult,
+    TrainOutcome,
+)
 from invcoss_core.training.precision import autocast, training_precision
 from invcoss_core.training.schedule import lr_at
 
 logger = logging.getLogger(__name__)
-
-
-class StageError(RuntimeError):
-    """A stage cannot start or cannot go on; the message says what to change."""
-
-
-class NonFiniteLossError(StageError):
-    """The loss became NaN or inf; training stops instead of handing on a broken model."""
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What one finished stage produced."""
-
-    files: dict[str, bytes]  # the hand-off artifact, file name -> bytes
-    artifact: Artifact
-    out_dir: Path | None
-    epoch_losses: list[float]  # mean MAE loss on the current modality per epoch
-    replay_losses: list[float]  # mean distillation loss per epoch (empty without replay)
-    train_seconds: float
-    replay_seconds: float  # inversion / k-means / Fisher after training
-    images_per_second: float  # real images per second of training
-    resumed_from_epoch: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    previews: dict[str, bytes] = field(default_factory=dict)  # modality -> PNG of this stage's synthetic images
-
-
-@dataclass(frozen=True)
-class RoundWindow:
-    """The part of a stage's schedule one FedAvg round trains: epochs [first, stop), from given optimizer state."""
-
-    first: int
-    stop: int
-    optimizer_state: dict[str, Any] | None = None  # the site's state after its previous round; None: fresh
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    """What `train_stage` returns."""
-
-    stats: dict[str, torch.Tensor]  # recorded feature statistics (empty for a round window)
-    history: dict[str, list[float]]  # "loss" and "replay": per-epoch means
-    resumed_from_epoch: int
-    seconds: float
-    seen: int  # real images trained on
-    optimizer_state: dict[str, Any]
 
 
 def seeded_model(config: StageConfig, *parts: int | str) -> MultiModalMAE:

@@ -76,5 +76,5 @@ def test_status_piped_prints_one_tab_separated_line_per_stage(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"run {state.run_id}: {state.status}"
-    assert lines[1].split("\t") == ["stage", "site", "modality", "status", "attempts", "seconds", "artifact"]
+    assert lines[1].split("\t") == ["stage", "site", "modality", "status", "rounds", "attempts", "seconds", "artifact"]
     assert [line.split("\t")[:3] for line in lines[2:4]] == [["1", site, "ct"], ["2", "B", "-"]]
