@@ -11,12 +11,14 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from invcoss_core.artifact import ArtifactError, read_artifact_dir
 from invcoss_core.cli_support import console, fail, setup_logging
 from invcoss_core.config import PROFILES, ConfigError, load_config
 from invcoss_core.models import ModelInputError
+from invcoss_core.privacy import PrivacyReport, hold_message, privacy_line, split_for_audit
 from invcoss_core.progress import rich_progress
 from invcoss_core.replay import ReplayError
 from invcoss_core.signing import SigningKeyError, load_public_key
@@ -134,17 +136,18 @@ def stage(
             if incoming.manifest.contains_real_data and cfg.replay.strategy != "real_buffer":
                 raise fail(f"{init} contains real images (real_buffer baseline); continue it with --replay real_buffer")
         dataset = load_site_dataset(site_data, modality, spec, cfg.data, split="train", seed=cfg.seed)
+        train_data, audit = split_for_audit(dataset, cfg.privacy.audit_fraction, cfg.seed)
         report = dataset.report
         console.print(
-            f"[bold]{modality}[/]: {len(dataset)} training samples from {report.files_loaded} files "
-            f"({report.files_rejected} rejected)"
+            f"[bold]{modality}[/]: {len(train_data)} training samples from {report.files_loaded} files "
+            f"({report.files_rejected} rejected; {audit.split.audit_subjects} subjects held out for the privacy audit)"
         )
         resolved_run = run_id or (incoming.manifest.run_id if incoming else uuid.uuid4().hex[:12])
         with rich_progress(console, enabled=not quiet) as sink:
             result = run_stage(
                 config=cfg,
                 modality=modality,
-                train_data=dataset,
+                train_data=train_data,
                 incoming=incoming,
                 run_id=resolved_run,
                 site=site,
@@ -152,9 +155,14 @@ def stage(
                 work_dir=work_dir or out.with_name(out.name + ".work"),
                 device=resolve_device(device),
                 events=sink,
+                audit=audit,
             )
     except stage_errors as err:
         raise fail(str(err)) from None
+    privacy = result.artifact.manifest.privacy
+    held = hold_message(privacy) if privacy is not None else None
+    if held is not None:  # a site client would not hand this artifact off (site_client/runner.py)
+        console.print(f"[bold yellow]warning:[/] {escape(held)}")
     _print_stage_summary(result.artifact.manifest.model_dump(mode="json"), result.artifact.sha256, out, result)
 
 
@@ -174,6 +182,8 @@ def _print_stage_summary(manifest: dict[str, Any], sha: str, out: Path, result: 
         table.add_row(
             "privacy gate", f"checked {gate['checked']}, blocked {gate['blocked']}, dropped {gate['dropped']}"
         )
+    if manifest.get("privacy"):
+        table.add_row("privacy audit", privacy_line(PrivacyReport.model_validate(manifest["privacy"])))
     table.add_row("artifact bytes", str(sum(f["bytes"] for f in manifest["files"].values())))
     table.add_row("manifest sha256", sha)
     Console().print(table)
