@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
+from rich.markup import escape
 
 from invcoss_core.artifact import ArtifactError, read_artifact_dir
 from invcoss_core.common.cli_support import console, fail, print_table, setup_logging
@@ -17,6 +18,7 @@ from invcoss_core.common.progress import rich_progress
 from invcoss_core.common.signing import SigningKeyError, load_public_key
 from invcoss_core.config import PROFILES, ConfigError, load_config
 from invcoss_core.models import ModelInputError
+from invcoss_core.privacy import PrivacyReport, hold_message, privacy_line, split_for_audit
 from invcoss_core.replay import ReplayError
 from invcoss_core.training import StageError, load_student, run_stage
 from invcoss_core.training.checkpoint import CheckpointError
@@ -143,17 +145,18 @@ def stage(
             if incoming.manifest.contains_real_data and cfg.replay.strategy != "real_buffer":
                 raise fail(f"{init} contains real images (real_buffer baseline); continue it with --replay real_buffer")
         dataset = load_site_dataset(site_data, modality, spec, cfg.data, split="train", seed=cfg.seed)
+        train_data, audit = split_for_audit(dataset, cfg.privacy.audit_fraction, cfg.seed)
         report = dataset.report
         console.print(
-            f"[bold]{modality}[/]: {len(dataset)} training samples from {report.files_loaded} files "
-            f"({report.files_rejected} rejected)"
+            f"[bold]{modality}[/]: {len(train_data)} training samples from {report.files_loaded} files "
+            f"({report.files_rejected} rejected; {audit.split.audit_subjects} subjects held out for the privacy audit)"
         )
         resolved_run = run_id or (incoming.manifest.run_id if incoming else uuid.uuid4().hex[:12])
         with rich_progress(console, enabled=not quiet) as sink:
             result = run_stage(
                 config=cfg,
                 modality=modality,
-                train_data=dataset,
+                train_data=train_data,
                 incoming=incoming,
                 run_id=resolved_run,
                 site=site,
@@ -161,9 +164,14 @@ def stage(
                 work_dir=work_dir or out.with_name(out.name + ".work"),
                 device=resolve_device(device),
                 events=sink,
+                audit=audit,
             )
     except stage_errors as err:
         raise fail(str(err)) from None
+    privacy = result.artifact.manifest.privacy
+    held = hold_message(privacy) if privacy is not None else None
+    if held is not None:  # a site client would not hand this artifact off (site_client/runner.py)
+        console.print(f"[bold yellow]warning:[/] {escape(held)}")
     _print_stage_summary(result.artifact.manifest.model_dump(mode="json"), result.artifact.sha256, out, result)
 
 
@@ -184,6 +192,8 @@ def _print_stage_summary(manifest: dict[str, Any], sha: str, out: Path, result: 
         rows.append(
             ("privacy gate", f"checked {gate['checked']}, blocked {gate['blocked']}, dropped {gate['dropped']}")
         )
+    if manifest.get("privacy"):
+        rows.append(("privacy audit", privacy_line(PrivacyReport.model_validate(manifest["privacy"]))))
     rows.append(("artifact bytes", str(sum(f["bytes"] for f in manifest["files"].values()))))
     rows.append(("manifest sha256", sha))
     print_table(f"stage {manifest['stage_index']} → {out}", ("field", "value"), rows, show_header=False)

@@ -30,9 +30,11 @@ from invcoss_core.artifact import Artifact, GateSummary, encode_artifact
 from invcoss_core.common.events import EventSink, discard
 from invcoss_core.config import StageConfig
 from invcoss_core.models import MultiModalMAE, build_model
+from invcoss_core.privacy import AuditInputs, audit_handoff
 from invcoss_core.replay import PoolReplay, ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.seeding import derive_seed
 from invcoss_core.stats import SufficientStats, merge_stats, record_sufficient_stats
+from invcoss_core.training.precision import training_precision
 from invcoss_core.training.stage import (
     RoundWindow,
     StageError,
@@ -291,14 +293,16 @@ def consortium_artifact(
     device: torch.device,
     signer: Callable[[bytes], bytes] | None,
     metrics: Mapping[str, float] | None = None,
+    audit: AuditInputs | None = None,
 ) -> dict[str, bytes]:
     """The stage's hand-off artifact: final weights, carried + pooled statistics, the candidates every site passed.
 
     Args:
         passed: per candidate, True when every site of the stage passed it.
         blocked_by_site: site -> candidates it blocked (the manifest's metrics say who blocked how many).
-        real_data: the signing site's images, used only by strategies that need data after training (EWC's
-            Fisher); inverting strategies ignore it.
+        real_data: the signing site's training images: EWC's Fisher, and the members of the privacy audit.
+        audit: the signing site's audit subjects (`invcoss_core.privacy.split_for_audit`); None: no audit. The audit
+            measures membership of this site's subjects only: the other sites keep their images to themselves.
     Returns:
         The artifact's files, signed by `signer` (the inversion site's key).
     Raises:
@@ -341,6 +345,19 @@ def consortium_artifact(
         extras, synthetic, outcome_metrics = outcome.extras, outcome.synthetic, dict(outcome.metrics)
     for name, count in blocked_by_site.items():
         outcome_metrics[f"gate_blocked_by_{name}"] = float(count)
+    privacy = None
+    if audit is not None:  # after the pool exists, before the manifest is signed (as in `run_stage`)
+        student = load_weights(config, weights, device).eval()
+        _, teacher = prepare_models(config, incoming, device)
+        privacy = audit_handoff(
+            config=config,
+            modality=modality,
+            student=student,
+            incoming_model=teacher,
+            members=real_data,
+            inputs=audit,
+            pool=synthetic.get(modality),
+        )
     return encode_artifact(
         run_id=run_id,
         stage_index=stage_index,
@@ -357,4 +374,6 @@ def consortium_artifact(
         privacy_gate=gate,
         metrics={**dict(metrics or {}), **outcome_metrics},
         signer=signer,
+        privacy=privacy,
+        precision=training_precision(device, config.train.amp),
     )

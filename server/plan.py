@@ -287,6 +287,7 @@ class PlanRunner:
             bytes_in=bytes_in,
             synthetic_count=sum(artifact.manifest.synthetic.values()),
             privacy_gate=gate.model_dump(mode="json") if gate else None,
+            privacy=artifact.manifest.privacy.model_dump(mode="json") if artifact.manifest.privacy else None,
             metrics={**artifact.manifest.metrics, **reply.metrics},
             epoch_losses=reply.epoch_losses,
         )
@@ -370,6 +371,10 @@ class PlanRunner:
                     "bytes_out": s.bytes_out,
                     "bytes_in": s.bytes_in,
                     "errors": s.errors,
+                    "sites": s.sites or [s.site],
+                    "rounds": [r.model_dump(mode="json") for r in s.rounds],
+                    "gate_verdicts": s.gate_verdicts,
+                    "privacy": s.privacy,
                 }
                 for s in state.stages
             ],

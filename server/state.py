@@ -156,6 +156,7 @@ class StageRecord(_Model):
     bytes_in: int = 0  # artifact bytes received from the site
     synthetic_count: int | None = None  # synthetic images in the artifact (all modalities so far)
     privacy_gate: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None  # the signed manifest's privacy audit (figures and decision)
     metrics: dict[str, float] = Field(default_factory=dict)
     epoch_losses: list[float] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)  # one line per failed attempt

@@ -24,7 +24,7 @@ from invcoss_core.common.signing import SigningKeyError, load_private_key
 from invcoss_core.config import ConfigError
 from invcoss_core.data import SiteDataError
 from invcoss_core.training import StageError
-from site_client.audit import AUDIT_FILE, AuditLog
+from site_client.audit import AUDIT_FILE, AuditLog, privacy_fields
 from site_client.codec import (
     OutboundMessage,
     build_site_reply,
@@ -151,6 +151,7 @@ def stage(msg: Message, context: Context) -> Message:
         error=response.error,
         artifact_sha256=response.artifact_sha256,
     )
+    extra.update(privacy_fields(response.files))  # the audit's figures and decision beside what left
     return _send(cfg, events, build_stage_reply(msg, response), status=response.status, **extra)
 
 

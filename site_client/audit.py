@@ -203,6 +203,35 @@ def real_data_digests(data_dir: Path, modality: str, configs: Iterable[StageConf
     return result
 
 
+def privacy_fields(files: Mapping[str, bytes]) -> dict[str, Any]:
+    """The `privacy` section of an outgoing artifact's manifest, for its audit-log entry ({} when it has none)."""
+    data = files.get("manifest.json")
+    if not data:
+        return {}
+    try:
+        privacy = json.loads(data).get("privacy")
+    except (ValueError, AttributeError):
+        return {}
+    return {"privacy": privacy} if isinstance(privacy, dict) else {}
+
+
+def stage_privacy(work_dir: Path) -> list[dict[str, Any]]:
+    """The privacy audit of every stage this site produced (held ones included), oldest run folder first.
+
+    Returns:
+        [{run_id, stage, privacy}] from each stage folder's artifact manifest (figures only, no patient data).
+    """
+    rows = []
+    for manifest in sorted(Path(work_dir).glob("runs/*/stage-*/artifact/manifest.json")):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("privacy"), dict):
+            rows.append({"run_id": data.get("run_id"), "stage": data.get("stage_index"), "privacy": data["privacy"]})
+    return rows
+
+
 def measure_leaks(audits: list[AuditLog], real: RealDigests) -> dict[str, Any]:
     """Intersect audit logs' digests with a site's real-data digests.
 

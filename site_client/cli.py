@@ -20,8 +20,9 @@ from invcoss_core.common.eventlog import EventTailer
 from invcoss_core.common.processes import InstanceLock, InstanceRunningError, PortUnavailableError
 from invcoss_core.common.signing import generate_private_key, load_private_key, private_key_openssh, public_key_openssh
 from invcoss_core.config import ConfigError, StageConfig, build_config
+from invcoss_core.privacy import PrivacyReport, privacy_line
 from site_client.app import EVENTS_FILE
-from site_client.audit import AUDIT_FILE, AuditLog, measure_leaks, real_data_digests
+from site_client.audit import AUDIT_FILE, AuditLog, measure_leaks, real_data_digests, stage_privacy
 from site_client.config import SITE_NAME, SiteConfig, load_site_config
 from site_client.metrics import SiteMetrics, serve_metrics
 from site_client.supernode import SiteClientError, StageWatch, SuperNodeProcess, supervise
@@ -157,17 +158,19 @@ def audit(
         typer.Option("--also-audit-log", help="Other sites' audit.jsonl to check against this site's data too."),
     ] = None,
 ) -> None:
-    """Measure whether any real image left this site.
+    """Measure whether any real image left this site, and show each stage's membership-inference audit.
 
     Hashes every file in the data folder, every preprocessed image/volume and every training sample (patch,
     slice, sub-volume) as float32 and float16, and compares them with every array, tensor and pool image
-    digest in the outbound audit log. Exit code 1 when any match is found.
+    digest in the outbound audit log. Exit code 1 when any match is found. Then lists the privacy audit of every
+    stage this site ran (from its signed manifests; held hand-offs included).
     """
     cfg = _load(config, site)
     setup_logging("warning")
     real = real_data_digests(cfg.data_dir, cfg.modality, _stage_configs(cfg))
     logs = [AuditLog(cfg.work_dir / AUDIT_FILE), *(AuditLog(p) for p in also or [])]
     result = {"site": cfg.site, "modality": cfg.modality, **measure_leaks(logs, real)}
+    result["privacy"] = stage_privacy(cfg.work_dir)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -176,6 +179,12 @@ def audit(
             f"{result['real_files']} files, {result['real_images']} images/volumes, {result['real_samples']} "
             f"samples hashed; real image tensors out: {result['real_image_tensors_out']}"
         )
+        for row in result["privacy"]:
+            try:
+                line = privacy_line(PrivacyReport.model_validate(row["privacy"]))
+            except ValueError as err:
+                line = f"unreadable privacy section ({err.__class__.__name__})"
+            console.print(f"  run {escape(str(row['run_id']))} stage {row['stage']}: privacy audit {escape(line)}")
     raise typer.Exit(1 if result["real_image_tensors_out"] else 0)
 
 

@@ -49,6 +49,7 @@ from invcoss_core.consortium import (
     synthesize_candidates,
     train_round,
 )
+from invcoss_core.privacy import AuditInputs, hold_message, split_for_audit
 from invcoss_core.stats import SufficientStats
 from invcoss_core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from site_client.config import SiteConfig
@@ -132,13 +133,21 @@ class _Step:
         signature = sign_bytes(self.key, data)
         return StepReply(status="ok", payload=dict(payload), files=dict(files or {}), receipt=data, signature=signature)
 
-    def dataset(self, config: StageConfig | None = None) -> Dataset[torch.Tensor]:
-        """This site's training images (never leave the site)."""
+    def split(self, config: StageConfig | None = None) -> tuple[Dataset[torch.Tensor], AuditInputs]:
+        """This site's training images minus its audit subjects, and the audit's inputs (`privacy.audit_fraction`).
+
+        Every step of every site uses the same split (same seed), so audit subjects never train the stage.
+        """
         from invcoss_core.data import load_site_dataset
 
         cfg, config = self.cfg, config or self.config
         spec = config.model.spec(cfg.modality)
-        return load_site_dataset(cfg.data_dir, cfg.modality, spec, config.data, split="train", seed=config.seed)
+        data = load_site_dataset(cfg.data_dir, cfg.modality, spec, config.data, split="train", seed=config.seed)
+        return split_for_audit(data, config.privacy.audit_fraction, config.seed)
+
+    def dataset(self, config: StageConfig | None = None) -> Dataset[torch.Tensor]:
+        """This site's training images (never leave the site)."""
+        return self.split(config)[0]
 
     def pooled(self) -> SufficientStats:
         """The pooled sufficient statistics of the request's payload."""
@@ -272,6 +281,7 @@ def _finalize(step: _Step) -> StepReply:
         if len(answer) != candidates.shape[0]:
             raise RefusedError(f"site {site} sent {len(answer)} verdicts for {candidates.shape[0]} candidates")
     passed = [all(v[i] for v in verdicts.values()) for i in range(candidates.shape[0])]
+    members, audit = step.split()
     files = consortium_artifact(
         config=step.config,
         modality=cfg.modality,
@@ -284,7 +294,8 @@ def _finalize(step: _Step) -> StepReply:
         run_id=request.run_id,
         stage_index=request.stage_index,
         site=cfg.site,
-        real_data=step.dataset(),
+        real_data=members,
+        audit=audit,
         device=step.device,
         signer=lambda data: sign_bytes(step.key, data),
         metrics={"consortium_sites": float(len(verdicts)), "rounds": float(request.rounds)},
@@ -292,6 +303,12 @@ def _finalize(step: _Step) -> StepReply:
     artifact = decode_artifact(files, public_key=step.key.public_key(), require_signature=True)
     if artifact.manifest.contains_real_data:
         raise RefusedError("the stage produced an artifact with real images; it does not leave the site")
+    privacy = artifact.manifest.privacy
+    if privacy is not None:
+        step.events.emit("privacy", stage=request.stage_index, decision=privacy.decision)
+        held = hold_message(privacy)
+        if held is not None:  # nothing is stored as finished: a retry signs again (under the site's new settings)
+            raise RefusedError(held)
     write_artifact_dir(files, paths.artifact)
     result = {"artifact_sha256": artifact.sha256, "parent_sha256": request.parent_sha256, "consortium": True}
     paths.result.write_text(json.dumps(result, indent=2))

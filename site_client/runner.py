@@ -43,8 +43,7 @@ from invcoss_core.common.signing import (
     sign_bytes,
 )
 from invcoss_core.config import ConfigError, StageConfig, build_config, deep_merge
-from invcoss_core.data import SiteDataset, TensorImages
-from invcoss_core.privacy import AuditInputs, PrivacyReport, audit_split, hold_message
+from invcoss_core.privacy import PrivacyReport, hold_message, split_for_audit
 from invcoss_core.replay import ReplayError, replay_class
 from invcoss_core.training import StageError, run_stage
 from site_client.config import SiteConfig
@@ -52,6 +51,7 @@ from site_client.metrics import SiteEvents
 
 logger = logging.getLogger(__name__)
 
+SITE_ONLY_PRIVACY = frozenset({"max_mia_auc", "release_above_max"})  # `privacy` keys only site.toml may set
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -100,9 +100,18 @@ def resolve_stage_config(cfg: SiteConfig, request: StageRequest) -> StageConfig:
         RefusedError: for a replay strategy that would ship real images.
         ConfigError: for invalid settings.
     """
+    settings = dict(request.settings)
+    privacy = settings.get("privacy")
+    if isinstance(privacy, dict) and set(privacy) & SITE_ONLY_PRIVACY:
+        # Releasing a held hand-off, or loosening what holds it, is the site operator's decision alone.
+        logger.warning(
+            "ignoring the coordinator's privacy.%s: only this site's [stage.privacy] sets them",
+            ", privacy.".join(sorted(set(privacy) & SITE_ONLY_PRIVACY)),
+        )
+        settings["privacy"] = {k: v for k, v in privacy.items() if k not in SITE_ONLY_PRIVACY}
     config = build_config(
         request.profile,
-        deep_merge(request.settings, cfg.stage),
+        deep_merge(settings, cfg.stage),
         source=f"stage {request.stage_index} settings (coordinator + site [stage])",
     )
     try:
@@ -244,7 +253,7 @@ def run_site_stage(cfg: SiteConfig, request: StageRequest, private_key: PrivateK
         started = time.perf_counter()
         spec = config.model.spec(cfg.modality)
         dataset = load_site_dataset(cfg.data_dir, cfg.modality, spec, config.data, split="train", seed=config.seed)
-        train_data, audit = split_for_audit(dataset, config)
+        train_data, audit = split_for_audit(dataset, config.privacy.audit_fraction, config.seed)
         result = run_stage(
             config=config,
             modality=cfg.modality,
@@ -299,17 +308,6 @@ def run_site_stage(cfg: SiteConfig, request: StageRequest, private_key: PrivateK
         )
 
 
-def split_for_audit(dataset: SiteDataset, config: StageConfig) -> tuple[TensorImages, AuditInputs]:
-    """The site's training samples minus its audit subjects (`privacy.audit_fraction`), and the audit's inputs.
-
-    With too few subjects nothing is held out: every sample trains and the audit is reported as not measured.
-    """
-    split = audit_split(dataset.subjects, config.privacy.audit_fraction, config.seed)
-    samples = dataset.tensors()
-    train = TensorImages(samples[split.train_index]) if split.measured else dataset
-    return train, AuditInputs(non_members=samples[split.audit_index], split=split)
-
-
 _DECISION_CODE = {"not_measured": -1.0, "released": 0.0, "held": 1.0, "released_by_operator": 2.0}
 
 
@@ -335,7 +333,6 @@ __all__ = [
     "privacy_metrics",
     "resolve_stage_config",
     "run_site_stage",
-    "split_for_audit",
     "stage_paths",
     "verify_incoming",
 ]

@@ -16,6 +16,8 @@ from invcoss_core.privacy.audit import (
     decide,
     hold_message,
     not_measured,
+    privacy_line,
+    split_for_audit,
     stack_samples,
 )
 from invcoss_core.privacy.report import AttackScore, DPSummary, PoolAttack, PrivacyReport
@@ -41,5 +43,7 @@ __all__ = [
     "not_measured",
     "per_sample_losses",
     "pool_distance_attack",
+    "privacy_line",
+    "split_for_audit",
     "stack_samples",
 ]

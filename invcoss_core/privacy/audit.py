@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from invcoss_core.config import PrivacyConfig, StageConfig
+from invcoss_core.data import SiteDataset, TensorImages
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.privacy.attacks import (
     calibrated_loss_attack,
@@ -24,11 +25,21 @@ from invcoss_core.privacy.attacks import (
     pool_distance_attack,
 )
 from invcoss_core.privacy.report import AttackScore, Decision, DPSummary, PoolAttack, PrivacyReport
-from invcoss_core.privacy.split import AuditSplit
+from invcoss_core.privacy.split import AuditSplit, audit_split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditInputs", "audit_handoff", "audit_stage", "decide", "hold_message", "not_measured", "stack_samples"]
+__all__ = [
+    "AuditInputs",
+    "audit_handoff",
+    "audit_stage",
+    "decide",
+    "hold_message",
+    "not_measured",
+    "privacy_line",
+    "split_for_audit",
+    "stack_samples",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,17 @@ class AuditInputs:
 
     non_members: torch.Tensor
     split: AuditSplit
+
+
+def split_for_audit(dataset: SiteDataset, fraction: float, seed: int) -> tuple[TensorImages, AuditInputs]:
+    """A site's training samples minus its audit subjects (`privacy.audit_fraction`), and the audit's inputs.
+
+    With too few subjects nothing is held out: every sample trains and the audit is reported as not measured.
+    """
+    split = audit_split(dataset.subjects, fraction, seed)
+    samples = dataset.tensors()
+    train = TensorImages(samples[split.train_index]) if split.measured else dataset
+    return train, AuditInputs(non_members=samples[split.audit_index], split=split)
 
 
 def stack_samples(data: Dataset[torch.Tensor] | torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,6 +94,27 @@ def hold_message(report: PrivacyReport) -> str | None:
         "and rerun the stage, or release it anyway with privacy.release_above_max = true in this site's [stage.privacy]"
         " (recorded in the signed manifest)"
     )
+
+
+def privacy_line(report: PrivacyReport) -> str:
+    """One line for CLIs and reports: the decision and the figures it rests on (no patient data)."""
+    calibrated, raw = report.calibrated_loss, report.model_loss
+    if calibrated is None or raw is None:  # PrivacyReport guarantees both when measured
+        return f"not measured ({report.reason})"
+    parts = [
+        f"{report.decision}: calibrated MIA AUC {calibrated.auc:.3f} (max {report.max_mia_auc:.2f}, "
+        f"TPR@1%FPR {calibrated.tpr_at_1pct_fpr:.3f}), loss AUC {raw.auc:.3f}",
+    ]
+    if report.synthetic_pool is not None:
+        pool = report.synthetic_pool
+        parts.append(
+            f"pool AUC pixel {pool.pixel.auc:.3f} / feature {pool.feature.auc:.3f}, "
+            f"DCR ratio {pool.dcr_ratio_pixel:.3f} / {pool.dcr_ratio_feature:.3f}"
+        )
+    if report.dp is not None:
+        parts.append(f"DP-SGD epsilon {report.dp.epsilon:.2f} at delta {report.dp.delta:g}")
+    parts.append(f"{report.train_subjects} train / {report.audit_subjects} audit subjects, {report.seconds:.1f} s")
+    return "; ".join(parts)
 
 
 def not_measured(split: AuditSplit, config: PrivacyConfig, dp: DPSummary | None = None) -> PrivacyReport:

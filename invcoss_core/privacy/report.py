@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Decision = Literal["released", "held", "released_by_operator", "not_measured"]
 
@@ -73,6 +73,14 @@ class PrivacyReport(_Frozen):
     decision: Decision
     dp: DPSummary | None = None
     seconds: float = Field(0.0, ge=0)  # the audit's own time
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyReport:
+        if self.measured and (self.model_loss is None or self.calibrated_loss is None):
+            raise ValueError("a measured privacy report must carry model_loss and calibrated_loss")
+        if self.measured == (self.decision == "not_measured"):
+            raise ValueError(f"decision {self.decision!r} does not match measured={self.measured}")
+        return self
 
 
 __all__ = ["AttackScore", "DPSummary", "Decision", "PoolAttack", "PrivacyReport"]

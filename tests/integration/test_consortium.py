@@ -78,6 +78,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory, site_data_root: Path) -
         sites,
         defaults=FAST_DEFAULTS,
         # all_sites_wait_s covers a hard-killed SuperNode's re-activation (~60 s, docs/federation.md "Limits").
+        release_held=True,  # these runs test the federation's mechanics, not where the audit puts a stage
         retry={"stage_timeout_s": 300.0, "backoff_s": 1.0, "max_attempts": 4, "all_sites_wait_s": 150.0},
         stages=stages,
     )
@@ -114,6 +115,11 @@ def test_consortium_run_completes_with_a_verified_chain(consortium: ConsortiumRu
     stage1 = read_artifact_dir(consortium.fed.layout.checkpoint(1))
     assert stage1.manifest.site == "ct1" and stage1.manifest.metrics["consortium_sites"] == 2.0
     assert stage1.manifest.privacy_gate is not None and "gate_blocked_by_ct2" in stage1.manifest.metrics
+    for index in (1, 2, 3):  # every hand-off carries its signing site's privacy audit (measured or not, and why)
+        assert read_artifact_dir(consortium.fed.layout.checkpoint(index)).manifest.privacy is not None, index
+    report = json.loads(consortium.fed.layout.report.read_text())
+    assert [len(s["rounds"]) for s in report["stages"]] == [3, 2, 0]
+    assert report["stages"][0]["sites"] == ["ct1", "ct2"] and report["stages"][0]["privacy"] is not None
 
 
 def test_a_site_killed_mid_round_is_left_out_of_that_round_and_rejoins(consortium: ConsortiumRun) -> None:

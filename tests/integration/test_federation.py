@@ -289,6 +289,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, site_data_root: Path) -> Itera
         tmp_path_factory.mktemp("federation"),
         sites,
         defaults=FAST_DEFAULTS,
+        release_held=True,  # these runs test the federation's mechanics, not where the audit puts a stage
         retry={"stage_timeout_s": 300.0, "backoff_s": 1.0, "max_attempts": 4},
     )
     record = RunRecord(fed)

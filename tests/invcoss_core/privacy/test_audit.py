@@ -8,7 +8,15 @@ import torch
 
 from invcoss_core.config import StageConfig, build_config
 from invcoss_core.data import TensorImages
-from invcoss_core.privacy import AuditInputs, PrivacyReport, audit_split, decide, hold_message
+from invcoss_core.privacy import (
+    AuditInputs,
+    PrivacyReport,
+    audit_split,
+    decide,
+    hold_message,
+    not_measured,
+    privacy_line,
+)
 from invcoss_core.training import run_stage
 from tests.helpers import structured_images
 
@@ -114,3 +122,9 @@ def test_audit_sees_the_synthetic_pool_of_an_inversion_stage() -> None:
     assert pool.pool == result.artifact.manifest.synthetic["ct"]
     assert 0 <= pool.pixel.auc <= 1 and pool.dcr_ratio_pixel > 0 and pool.dcr_ratio_feature >= 0
     assert torch.isfinite(torch.tensor([pool.feature.auc, pool.dcr_ratio_feature])).all()
+
+
+def test_privacy_line_names_the_decision_and_figures(memorising: PrivacyReport) -> None:
+    line = privacy_line(memorising)
+    assert line.startswith("held: calibrated MIA AUC") and "max 0.60" in line
+    assert privacy_line(not_measured(audit_split(["one"], 0.15, 0), StageConfig().privacy)).startswith("not measured")
