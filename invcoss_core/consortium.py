@@ -29,9 +29,12 @@ from torch.utils.data import Dataset
 from invcoss_core.artifact import Artifact, GateSummary, encode_artifact
 from invcoss_core.common.events import EventSink, discard
 from invcoss_core.config import StageConfig
+from invcoss_core.inversion.gate import RealReference, gate_blocks
+from invcoss_core.inversion.synthesize import Synthesizer
 from invcoss_core.models import MultiModalMAE, build_model
 from invcoss_core.privacy import AuditInputs, audit_handoff
 from invcoss_core.replay import PoolReplay, ReplayContext, ReplayStrategy, build_replay
+from invcoss_core.replay.inversion import InversionReplay, PixelInversionReplay
 from invcoss_core.seeding import derive_seed
 from invcoss_core.stats import SufficientStats, merge_stats, record_sufficient_stats
 from invcoss_core.training.precision import training_precision
@@ -216,9 +219,6 @@ def synthesize_candidates(
     Raises:
         StageError: when the stage's replay strategy does not invert.
     """
-    from invcoss_core.inversion.replay import InversionReplay, PixelInversionReplay
-    from invcoss_core.inversion.synthesize import Synthesizer
-
     if config.replay.strategy not in INVERTING_STRATEGIES:
         raise StageError(f"replay strategy {config.replay.strategy!r} does not synthesise images")
     method = (InversionReplay if config.replay.strategy == "inversion" else PixelInversionReplay).method
@@ -265,8 +265,6 @@ def gate_verdicts(
     Raises:
         ValueError: for an empty real set or candidates of the wrong shape.
     """
-    from invcoss_core.inversion.gate import RealReference, gate_blocks
-
     started = time.perf_counter()
     model = load_weights(config, weights, device).eval()
     if candidates.shape[0] == 0:
