@@ -56,6 +56,7 @@ REQUIRED_MODALITIES: tuple[str, ...] = ("ct", "mri", "pathology", "xray")
 ENV_SAMPLES_DIR = "INVCOSS_SAMPLES_DIR"
 ENV_PACKAGE_CACHE = "INVCOSS_PACKAGE_CACHE"
 PIP_TIMEOUT_S = 900
+_INSIDE_PREFIX = ".invcoss-fetch"  # lock file and partial folders of a build made inside DEST
 
 _WHEEL = ("--only-binary", ":all:")
 # scikit-image has platform wheels only; naming the platform makes pip pick the same (pinned) file everywhere.
@@ -645,9 +646,14 @@ def _is_ours(dest: Path) -> bool:
     return (dest / "manifest.json").is_file() and "invcoss samples fetch" in (dest / "manifest.json").read_text()
 
 
-def _clean_stale_partials(dest: Path, max_age_s: float = 3600.0) -> None:
+def _user_entries(dest: Path) -> list[Path]:
+    """DEST's entries other than a build's own lock file and partial folders."""
+    return [p for p in dest.iterdir() if not p.name.startswith(_INSIDE_PREFIX)]
+
+
+def _clean_stale_partials(area: _WorkArea, max_age_s: float = 3600.0) -> None:
     now = time.time()
-    for stale in dest.parent.glob(f".{dest.name}.partial-*"):
+    for stale in area.folder.glob(f"{area.prefix}.partial-*"):
         try:
             if now - stale.stat().st_mtime > max_age_s:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -704,34 +710,63 @@ def fetch_samples(
     if not force and read_manifest(dest) is not None:
         logger.info("sample data already complete in %s", dest)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(dest):
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SampleFetchError(f"cannot create {dest.parent} ({err.strerror}); choose a --dest you can write") from None
+    area = _work_area(dest)
+    with _build_lock(area):
         # A fetch that held the lock before us may have just finished DEST.
         if not force and read_manifest(dest) is not None:
             logger.info("sample data completed in %s by another fetch", dest)
             return dest
-        _build(dest, cache_dir, progress)
+        _build(dest, cache_dir, progress, area)
     return dest
 
 
+@dataclass(frozen=True)
+class _WorkArea:
+    """Where a build keeps its lock file and partial folders: ``folder/prefix.lock``, ``folder/prefix.partial-*``."""
+
+    folder: Path
+    prefix: str
+    inside_dest: bool  # DEST's parent is not ours (a container volume mounted at /samples): build inside DEST
+
+
+def _work_area(dest: Path) -> _WorkArea:
+    """Next to DEST when its parent is writable (then DEST is swapped in whole), else inside DEST if it is ours.
+
+    Raises:
+        SampleFetchError: neither DEST's parent nor DEST is writable by this user.
+    """
+    if os.access(dest.parent, os.W_OK | os.X_OK):
+        return _WorkArea(dest.parent, f".{dest.name}", inside_dest=False)
+    if dest.is_dir() and os.access(dest, os.W_OK | os.X_OK):
+        return _WorkArea(dest, _INSIDE_PREFIX, inside_dest=True)
+    raise SampleFetchError(
+        f"cannot write sample data to {dest}: this user may write neither {dest.parent} nor {dest}; choose a --dest "
+        f"in a folder you own, or create {dest} and give it to this user"
+    )
+
+
 @contextmanager
-def _build_lock(dest: Path) -> Iterator[None]:
+def _build_lock(area: _WorkArea) -> Iterator[None]:
     """One build of DEST at a time (two commands started together fetch into the same default folder).
 
-    An advisory lock on ``.DEST.lock`` next to DEST; the kernel drops it when the holder dies, so a killed fetch
-    never blocks the next one. Without POSIX locks (Windows) builds are not serialised, but the atomic rename still
-    keeps DEST whole.
+    An advisory lock on ``.DEST.lock`` next to DEST (inside DEST when its parent is not writable); the kernel drops
+    it when the holder dies, so a killed fetch never blocks the next one. Without POSIX locks (Windows) builds are
+    not serialised, but the atomic rename still keeps DEST whole.
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(dest.parent / f".{dest.name}.lock", "a+b") as fh:
+    with open(area.folder / f"{area.prefix}.lock", "a+b") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("another `invcoss samples fetch` is building %s; waiting for it to finish", dest)
+            logger.info("another `invcoss samples fetch` is building there; waiting for it to finish")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -739,15 +774,15 @@ def _build_lock(dest: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build(dest: Path, cache_dir: Path, progress: bool) -> None:
-    """Build the sample folder next to DEST and rename it into place (caller holds the build lock)."""
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not _is_ours(dest))):
+def _build(dest: Path, cache_dir: Path, progress: bool, area: _WorkArea) -> None:
+    """Build the sample folder in the work area and move it into place (caller holds the build lock)."""
+    if dest.exists() and (not dest.is_dir() or (_user_entries(dest) and not _is_ours(dest))):
         raise SampleFetchError(
             f"{dest} exists and is not an invcoss sample folder; choose another --dest or remove it first"
         )
-    _clean_stale_partials(dest)
+    _clean_stale_partials(area)
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    work = Path(tempfile.mkdtemp(prefix=f"{area.prefix}.partial-", dir=area.folder))
     try:
         layout = _Layout(work)
         failures: list[dict[str, str]] = []
@@ -774,7 +809,10 @@ def _build(dest: Path, cache_dir: Path, progress: bool) -> None:
         umask = os.umask(0)
         os.umask(umask)
         work.chmod(0o777 & ~umask)  # mkdtemp made it private; DEST should have the usual permissions
-        _swap_into_place(work, dest)
+        if area.inside_dest:
+            _fill_in_place(work, dest)
+        else:
+            _swap_into_place(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -792,3 +830,20 @@ def _swap_into_place(work: Path, dest: Path) -> None:
     os.replace(work, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fill_in_place(work: Path, dest: Path) -> None:
+    """Move the finished folder's content into DEST, manifest last (DEST is a mount point or its parent not ours).
+
+    DEST's old content is removed first; until the manifest arrives DEST reads as incomplete, so an interrupted
+    fill is rebuilt by the next fetch.
+    """
+    for old in sorted(_user_entries(dest), key=lambda p: p.name != "manifest.json"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    entries = sorted(work.iterdir(), key=lambda p: p.name == "manifest.json")
+    for entry in entries:
+        os.replace(entry, dest / entry.name)
+    work.rmdir()

@@ -167,6 +167,47 @@ def test_a_failing_rebuild_keeps_the_previous_folder(
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+def _deny_writes_to(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """What an unprivileged user sees for a root-owned folder (tests here may run as root, which chmod cannot stop)."""
+    real_access = samples.os.access
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        if mode & samples.os.W_OK and Path(path) in folders:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(samples.os, "access", access)
+
+
+def test_a_destination_whose_parent_is_not_writable_is_built_inside_it(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a container volume mounted at /samples: the user owns /samples, not /
+    root = tmp_path / "root"
+    dest = root / "samples"
+    dest.mkdir(parents=True)
+    _deny_writes_to(monkeypatch, root)
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    assert samples.read_manifest(dest) is not None and sorted(p.name for p in root.iterdir()) == ["samples"]
+    assert sorted(p.name for p in dest.glob(".*")) == [".invcoss-fetch.lock"]
+    first = (dest / "ct" / "pkgct.png").stat().st_ino
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)  # a rebuild replaces the files
+    assert samples.read_manifest(dest) is not None and (dest / "ct" / "pkgct.png").stat().st_ino != first
+    assert sorted(p.name for p in dest.glob(".*")) == [".invcoss-fetch.lock"]
+    assert fake_recipe["calls"].count("pkgct") == 2
+
+
+def test_an_unwritable_destination_is_a_clear_error(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    _deny_writes_to(monkeypatch, root)
+    with pytest.raises(SampleFetchError, match=r"may write neither .*root.*; choose a --dest in a folder you own"):
+        fetch_samples(root / "samples", progress=False, cache_dir=fake_recipe["cache"])
+    assert list(root.iterdir()) == []
+
+
 def test_pins_are_complete() -> None:
     for pin in samples.PINS:
         assert len(pin.sha256) == 64 and pin.version and pin.licence and pin.name in samples._EXTRACTORS
