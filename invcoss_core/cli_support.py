@@ -6,6 +6,7 @@ Used by `invcoss`, `invcoss-server` and `invcoss-client`; library modules never 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -26,12 +27,13 @@ def setup_logging(level: str, quiet: Iterable[str] = ()) -> None:
         level: a logging level name (`debug`, `info`, `warning`, ...); an unknown name means `info`.
         quiet: loggers held at WARNING whatever `level` is (chatty third-party clients).
     """
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        fmt = "%(message)s"
+    else:  # a log file or `docker compose logs`: one plain line per record, never wrapped to a terminal width
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, handlers=[handler], force=True)
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
 
