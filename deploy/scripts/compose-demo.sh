@@ -95,7 +95,7 @@ step_report() {
 
 step_down() { compose down; }
 
-step_clean() { compose down -v --remove-orphans; }
+step_clean() { compose down -v; }
 
 case "${1:-all}" in
   build) step_build ;;

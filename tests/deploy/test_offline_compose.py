@@ -71,3 +71,29 @@ def test_the_offline_configs_differ_from_the_real_ones_only_in_addresses() -> No
     assert (
         "include /etc/nginx/invcoss/fleet-rules.conf;" in (ROOT / "deploy" / "nginx" / "fleet-gateway.conf").read_text()
     )
+
+
+def test_the_readme_gives_the_compose_commands_that_the_demo_script_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    script = (ROOT / "deploy" / "scripts" / "compose-demo.sh").read_text()
+    prefix = "docker compose -p invcoss "
+    commands = [line.split("#")[0].strip()[len(prefix) :] for line in readme.splitlines() if line.startswith(prefix)]
+    assert commands, "README lost its compose commands"
+    for command in commands:
+        if command.startswith("logs"):  # for the operator; the script prints logs only when a run fails
+            continue
+        if command.startswith("exec -T coordinator "):
+            assert "in_coordinator " + command.removeprefix("exec -T coordinator ") in script, command
+        elif command.startswith("exec -T site-a invcoss-client audit"):
+            assert (
+                'exec -T "site-$site" invcoss-client audit --site "$upper" --config "/etc/invcoss/site-$site.toml"'
+                in script
+            )
+            assert command.endswith("--site A --config /etc/invcoss/site-a.toml --json"), command
+        else:
+            assert f"compose {command};" in script or f"compose {command}\n" in script, command
+    assert 'compose_bin -p invcoss $files "$@"' in script  # every step goes through that one command line
+    assert (
+        "-f deploy/offline/compose.generated.yml" in readme
+        and "offline_file=deploy/offline/compose.generated.yml" in script
+    )
