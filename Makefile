@@ -58,7 +58,7 @@ compose-clean:  ## remove the compose federation's containers and volumes (its r
 	$(COMPOSE_ENV) deploy/scripts/compose-demo.sh clean
 
 test-compose: $(STAMP)  ## the compose federation's test alone (needs root: installs Docker from Debian when absent)
-	$(BIN)/python -m pytest -q -m compose tests/deploy
+	$(BIN)/python -m pytest -q -m compose tests/deploy --durations=3   # setup of the first test: build + run
 
 clean:  ## remove the environment and outputs (not the sample-data cache)
 	rm -rf $(VENV) $(DEMO_OUT) bench-out compose-out .pytest_cache .mypy_cache .ruff_cache *.egg-info

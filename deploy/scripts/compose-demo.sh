@@ -107,6 +107,7 @@ case "${1:-all}" in
   all)
     started=$(date +%s)
     step_build
+    echo "build: $(($(date +%s) - started)) s"
     step_up
     if step_wait && step_report; then status=0; else
       status=1

@@ -143,10 +143,8 @@ def stack(dockerd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         "INVCOSS": str(venv_bin / "invcoss"),
     }
     stack = Stack(env=env, out=out, offline=offline)
-    started = time.monotonic()
     build = stack.script("build", timeout=BUILD_TIMEOUT_S)
     assert build.returncode == 0, f"build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
-    built = time.monotonic()
     stack.script("clean", timeout=300)
     try:
         up = stack.script("up", timeout=900)
@@ -154,9 +152,6 @@ def stack(dockerd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         wait = stack.script("wait", timeout=RUN_TIMEOUT_S + 120)
         logs = "" if wait.returncode == 0 else stack.compose("logs", "--tail", "60").stdout[-8000:]
         assert wait.returncode == 0, f"the run did not finish:\n{wait.stdout}\n{wait.stderr[-2000:]}\n{logs}"
-        (out / "timings.json").write_text(
-            json.dumps({"build_s": built - started, "up_and_run_s": time.monotonic() - built})
-        )
         yield stack
     finally:
         stack.script("clean", timeout=600)
