@@ -57,6 +57,7 @@ ENV_SAMPLES_DIR = "INVCOSS_SAMPLES_DIR"
 ENV_PACKAGE_CACHE = "INVCOSS_PACKAGE_CACHE"
 PIP_TIMEOUT_S = 900
 _INSIDE_PREFIX = ".invcoss-fetch"  # lock file and partial folders of a build made inside DEST
+_FILLING_MARKER = f"{_INSIDE_PREFIX}.filling"  # DEST is being filled in place (see _fill_in_place)
 
 _WHEEL = ("--only-binary", ":all:")
 # scikit-image has platform wheels only; naming the platform makes pip pick the same (pinned) file everywhere.
@@ -776,7 +777,8 @@ def _build_lock(area: _WorkArea) -> Iterator[None]:
 
 def _build(dest: Path, cache_dir: Path, progress: bool, area: _WorkArea) -> None:
     """Build the sample folder in the work area and move it into place (caller holds the build lock)."""
-    if dest.exists() and (not dest.is_dir() or (_user_entries(dest) and not _is_ours(dest))):
+    ours = _is_ours(dest) or (dest / _FILLING_MARKER).exists()  # complete, or a fill that was interrupted
+    if dest.exists() and (not dest.is_dir() or (_user_entries(dest) and not ours)):
         raise SampleFetchError(
             f"{dest} exists and is not an invcoss sample folder; choose another --dest or remove it first"
         )
@@ -835,9 +837,11 @@ def _swap_into_place(work: Path, dest: Path) -> None:
 def _fill_in_place(work: Path, dest: Path) -> None:
     """Move the finished folder's content into DEST, manifest last (DEST is a mount point or its parent not ours).
 
-    DEST's old content is removed first; until the manifest arrives DEST reads as incomplete, so an interrupted
-    fill is rebuilt by the next fetch.
+    DEST's old content is removed first; until the manifest arrives DEST reads as incomplete, and a marker file
+    tells the next fetch that the half-filled DEST is ours to rebuild.
     """
+    marker = dest / _FILLING_MARKER
+    marker.touch()
     for old in sorted(_user_entries(dest), key=lambda p: p.name != "manifest.json"):
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
@@ -847,3 +851,4 @@ def _fill_in_place(work: Path, dest: Path) -> None:
     for entry in entries:
         os.replace(entry, dest / entry.name)
     work.rmdir()
+    marker.unlink()

@@ -197,6 +197,36 @@ def test_a_destination_whose_parent_is_not_writable_is_built_inside_it(
     assert fake_recipe["calls"].count("pkgct") == 2
 
 
+def test_an_interrupted_fill_in_place_is_rebuilt_and_a_foreign_folder_refused(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    dest, foreign = root / "samples", root / "mine"
+    dest.mkdir(parents=True)
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    _deny_writes_to(monkeypatch, root)
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    real_replace = samples.os.replace
+
+    def dies_at_the_manifest(src: Any, dst: Any) -> None:
+        if Path(dst).name == "manifest.json":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(samples.os, "replace", dies_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)
+    monkeypatch.setattr(samples.os, "replace", real_replace)
+    assert samples.read_manifest(dest) is None and (dest / "ct").is_dir()  # half filled, incomplete
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    assert samples.read_manifest(dest) is not None
+    assert sorted(p.name for p in dest.glob(".*")) == [".invcoss-fetch.lock"]
+    with pytest.raises(SampleFetchError, match="not an invcoss sample folder"):
+        fetch_samples(foreign, progress=False, cache_dir=fake_recipe["cache"])
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
 def test_an_unwritable_destination_is_a_clear_error(
     tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
