@@ -9,7 +9,7 @@ PROFILE ?= tiny
 # workers) share few cores here, and spinning threads slowed every one of them several-fold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help venv samples test test-fast demo bench lint compose-check clean
+.PHONY: help venv samples test test-fast test-compose demo bench lint compose-check compose-demo compose-clean clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -48,5 +48,17 @@ lint: $(STAMP)  ## ruff and mypy
 compose-check:  ## validate docker-compose.yml offline (needs Debian's docker-compose)
 	docker-compose config -q
 
+# Offline (no registry reachable, or INVCOSS_COMPOSE_OFFLINE=1): local base image, wheels and compose file first.
+COMPOSE_ENV := PYTHON=$(abspath $(BIN)/python) INVCOSS=$(abspath $(BIN)/invcoss)
+
+compose-demo: $(STAMP)  ## build and run the docker-compose federation to the end, print model/report/audit, tear down
+	$(COMPOSE_ENV) deploy/scripts/compose-demo.sh all
+
+compose-clean:  ## remove the compose federation's containers and volumes (its run state)
+	$(COMPOSE_ENV) deploy/scripts/compose-demo.sh clean
+
+test-compose: $(STAMP)  ## the compose federation's test alone (needs root: installs Docker from Debian when absent)
+	$(BIN)/python -m pytest -q -m compose tests/deploy --durations=3   # setup of the first test: build + run
+
 clean:  ## remove the environment and outputs (not the sample-data cache)
-	rm -rf $(VENV) $(DEMO_OUT) bench-out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) bench-out compose-out .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -39,6 +39,38 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def describe_event(event: dict[str, Any]) -> str | None:
+    """One operator line for a ClientApp event worth a line (`docker compose logs`), None for step-level progress.
+
+    Lines carry counts, losses and sizes only: never a file name or anything taken from an image.
+    """
+    kind = event.get("kind")
+    stage = event.get("stage")
+    if kind == "stage_started":
+        return f"stage {stage} started (run {event.get('run_id')}, attempt {event.get('attempt')})"
+    if kind == "stage_resumed":
+        return f"stage {stage} resumed from its last epoch checkpoint"
+    if kind == "progress":
+        metrics = event.get("metrics") or {}
+        if event.get("phase") == "train" and "epoch_loss" in metrics:
+            return (
+                f"{event.get('modality')} epoch {event.get('epoch')}/{event.get('total')}: "
+                f"loss {float(metrics['epoch_loss']):.4f}"
+            )
+        if event.get("phase") != "train" and event.get("step") == event.get("total"):
+            return f"{event.get('phase')} {event.get('modality')}: {event.get('total')} steps done"
+        return None
+    if kind == "gate":
+        return f"privacy gate: {event.get('checked')} synthetic images checked, {event.get('blocked')} blocked"
+    if kind == "message_out":
+        return f"message out: {int(event.get('bytes', 0)) / 1e6:.1f} MB (in the audit log)"
+    if kind == "stage_finished":
+        return f"stage {stage} finished: {event.get('outcome', 'ok')} in {float(event.get('seconds', 0.0)):.0f} s"
+    if kind == "stage_abandoned":
+        return f"stage {stage} abandoned (its process died)"
+    return None
 
 
 def _load(config: Path, site: str | None) -> SiteConfig:
@@ -78,9 +110,12 @@ def run(
     metrics = SiteMetrics(cfg.site)
     watch = StageWatch(since=time.time())
 
-    def on_event(event: dict[str, object]) -> None:
+    def on_event(event: dict[str, Any]) -> None:
         metrics.apply(event)
         watch.apply(event)
+        line = describe_event(event)
+        if line is not None:
+            say(line)
 
     if cfg.metrics.enabled:
         try:

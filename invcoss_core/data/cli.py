@@ -53,7 +53,8 @@ def fetch_command(
     target = dest or default_samples_dir()
     started = time.monotonic()
     try:
-        path = fetch_samples(target, progress=not quiet, cache_dir=cache_dir, force=force)
+        # no progress bar in a log (`docker compose logs`, CI): it would print one stale frame per update there
+        path = fetch_samples(target, progress=not quiet and err_console.is_terminal, cache_dir=cache_dir, force=force)
     except SampleFetchError as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(1) from None

@@ -35,7 +35,7 @@ def test_sites_reach_the_superlink_only_through_the_fleet_gateway() -> None:
     for site in ("site-a", "site-b", "site-c"):
         assert services[site]["networks"] == ["fleet"]
     assert set(services["fleet-gateway"]["networks"]) == {"control", "fleet"}
-    gateway = (ROOT / "deploy" / "nginx" / "fleet-gateway.conf").read_text()
+    gateway = (ROOT / "deploy" / "nginx" / "fleet-rules.conf").read_text()  # included by fleet-gateway.conf
     assert "location /v1/fleet/" in gateway and "return 403" in gateway and "proxy_ssl_verify on" in gateway
     assert len({s["volumes"][2] for s in (services["site-a"], services["site-b"], services["site-c"])}) == 3
 

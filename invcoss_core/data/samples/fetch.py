@@ -16,7 +16,7 @@ from invcoss_core.data.samples import pins as recipe
 from invcoss_core.data.samples import sources
 from invcoss_core.data.samples.download import PackageUnavailableError, ensure_package
 from invcoss_core.data.samples.layout import Archive, Layout, ModalityEntry
-from invcoss_core.data.samples.lock import build_lock
+from invcoss_core.data.samples.lock import FILLING_MARKER, WorkArea, build_lock, user_entries, work_area
 from invcoss_core.data.samples.manifest import read_manifest, write_outputs
 from invcoss_core.data.samples.pins import REQUIRED_MODALITIES, default_package_cache, default_samples_dir
 
@@ -27,9 +27,9 @@ def _is_ours(dest: Path) -> bool:
     return (dest / "manifest.json").is_file() and "invcoss samples fetch" in (dest / "manifest.json").read_text()
 
 
-def _clean_stale_partials(dest: Path, max_age_s: float = 3600.0) -> None:
+def _clean_stale_partials(area: WorkArea, max_age_s: float = 3600.0) -> None:
     now = time.time()
-    for stale in dest.parent.glob(f".{dest.name}.partial-*"):
+    for stale in area.folder.glob(f"{area.prefix}.partial-*"):
         try:
             if now - stale.stat().st_mtime > max_age_s:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -86,25 +86,30 @@ def fetch_samples(
     if not force and read_manifest(dest) is not None:
         logger.info("sample data already complete in %s", dest)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(dest):
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SampleFetchError(f"cannot create {dest.parent} ({err.strerror}); choose a --dest you can write") from None
+    area = work_area(dest)
+    with build_lock(area):
         # A fetch that held the lock before us may have just finished DEST.
         if not force and read_manifest(dest) is not None:
             logger.info("sample data completed in %s by another fetch", dest)
             return dest
-        _build(dest, cache_dir, progress)
+        _build(dest, cache_dir, progress, area)
     return dest
 
 
-def _build(dest: Path, cache_dir: Path, progress: bool) -> None:
-    """Build the sample folder next to DEST and rename it into place (caller holds the build lock)."""
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not _is_ours(dest))):
+def _build(dest: Path, cache_dir: Path, progress: bool, area: WorkArea) -> None:
+    """Build the sample folder in the work area and move it into place (caller holds the build lock)."""
+    ours = _is_ours(dest) or (dest / FILLING_MARKER).exists()  # complete, or a fill that was interrupted
+    if dest.exists() and (not dest.is_dir() or (user_entries(dest) and not ours)):
         raise SampleFetchError(
             f"{dest} exists and is not an invcoss sample folder; choose another --dest or remove it first"
         )
-    _clean_stale_partials(dest)
+    _clean_stale_partials(area)
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    work = Path(tempfile.mkdtemp(prefix=f"{area.prefix}.partial-", dir=area.folder))
     try:
         layout = Layout(work)
         failures: list[dict[str, str]] = []
@@ -131,7 +136,10 @@ def _build(dest: Path, cache_dir: Path, progress: bool) -> None:
         umask = os.umask(0)
         os.umask(umask)
         work.chmod(0o777 & ~umask)  # mkdtemp made it private; DEST should have the usual permissions
-        _swap_into_place(work, dest)
+        if area.inside_dest:
+            _fill_in_place(work, dest)
+        else:
+            _swap_into_place(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -149,3 +157,23 @@ def _swap_into_place(work: Path, dest: Path) -> None:
     os.replace(work, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fill_in_place(work: Path, dest: Path) -> None:
+    """Move the finished folder's content into DEST, manifest last (DEST is a mount point or its parent not ours).
+
+    DEST's old content is removed first; until the manifest arrives DEST reads as incomplete, and a marker file
+    tells the next fetch that the half-filled DEST is ours to rebuild.
+    """
+    marker = dest / FILLING_MARKER
+    marker.touch()
+    for old in sorted(user_entries(dest), key=lambda p: p.name != "manifest.json"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    entries = sorted(work.iterdir(), key=lambda p: p.name == "manifest.json")
+    for entry in entries:
+        os.replace(entry, dest / entry.name)
+    work.rmdir()
+    marker.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -174,6 +175,77 @@ def test_a_failing_rebuild_keeps_the_previous_folder(
         fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)
     assert (dest / "manifest.json").read_text() == before
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def _deny_writes_to(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """What an unprivileged user sees for a root-owned folder (tests here may run as root, which chmod cannot stop)."""
+    real_access = os.access
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        if mode & os.W_OK and Path(path) in folders:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_a_destination_whose_parent_is_not_writable_is_built_inside_it(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a container volume mounted at /samples: the user owns /samples, not /
+    root = tmp_path / "root"
+    dest = root / "samples"
+    dest.mkdir(parents=True)
+    _deny_writes_to(monkeypatch, root)
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    assert read_manifest(dest) is not None and sorted(p.name for p in root.iterdir()) == ["samples"]
+    assert sorted(p.name for p in dest.glob(".*")) == [".invcoss-fetch.lock"]
+    first = (dest / "ct" / "pkgct.png").stat().st_ino
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)  # a rebuild replaces the files
+    assert read_manifest(dest) is not None and (dest / "ct" / "pkgct.png").stat().st_ino != first
+    assert sorted(p.name for p in dest.glob(".*")) == [".invcoss-fetch.lock"]
+    assert fake_recipe["calls"].count("pkgct") == 2
+
+
+def test_an_interrupted_fill_in_place_is_rebuilt_and_a_foreign_folder_refused(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    dest, foreign = root / "samples", root / "mine"
+    dest.mkdir(parents=True)
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    _deny_writes_to(monkeypatch, root)
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    real_replace = os.replace
+
+    def dies_at_the_manifest(src: Any, dst: Any) -> None:
+        if Path(dst).name == "manifest.json":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"], force=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert read_manifest(dest) is None and (dest / "ct").is_dir()  # half filled, incomplete
+    fetch_samples(dest, progress=False, cache_dir=fake_recipe["cache"])
+    assert read_manifest(dest) is not None
+    assert sorted(p.name for p in dest.glob(".*")) == [".invcoss-fetch.lock"]
+    with pytest.raises(SampleFetchError, match="not an invcoss sample folder"):
+        fetch_samples(foreign, progress=False, cache_dir=fake_recipe["cache"])
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_an_unwritable_destination_is_a_clear_error(
+    tmp_path: Path, fake_recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    _deny_writes_to(monkeypatch, root)
+    with pytest.raises(SampleFetchError, match=r"may write neither .*root.*; choose a --dest in a folder you own"):
+        fetch_samples(root / "samples", progress=False, cache_dir=fake_recipe["cache"])
+    assert list(root.iterdir()) == []
 
 
 def test_pins_are_complete() -> None:
