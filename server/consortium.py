@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,9 +354,11 @@ class ConsortiumStage:
                 raise _PhaseFailedError(f"site {site} reported {n} training samples")
             contributions.append((weights, float(n)))
             m = answer.receipt.metrics
+            if not math.isfinite(m.get("loss", math.nan)):
+                raise _PhaseFailedError(f"site {site}'s receipt has no finite round loss")
             sites[site] = SiteRound(
                 num_examples=n,
-                loss=float(m.get("loss", float("nan"))),
+                loss=float(m["loss"]),
                 replay_loss=m.get("replay_loss"),
                 seconds=float(m.get("seconds", 0.0)),
                 bytes_in=payload_bytes(answer.reply.payload),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -288,7 +289,8 @@ class PlanRunner:
             synthetic_count=sum(artifact.manifest.synthetic.values()),
             privacy_gate=gate.model_dump(mode="json") if gate else None,
             privacy=artifact.manifest.privacy.model_dump(mode="json") if artifact.manifest.privacy else None,
-            metrics={**artifact.manifest.metrics, **reply.metrics},
+            # Finite figures only: run.json is JSON, where NaN or inf would not read back as a number.
+            metrics={k: v for k, v in {**artifact.manifest.metrics, **reply.metrics}.items() if math.isfinite(v)},
             epoch_losses=reply.epoch_losses,
         )
         journal(self.layout, "stage_done", stage=record.index, site=record.site, sha256=artifact.sha256)

@@ -312,19 +312,22 @@ _DECISION_CODE = {"not_measured": -1.0, "released": 0.0, "held": 1.0, "released_
 
 
 def privacy_metrics(report: PrivacyReport) -> dict[str, float]:
-    """The audit's headline figures as stage metrics (run state, site metrics); NaN where not measured."""
-    nan = float("nan")
+    """The audit's headline figures as stage metrics (run state, site metrics); a figure not measured is absent.
+
+    Absent, not NaN: the metrics travel as JSON (run.json, the reply's metric record), where NaN has no spelling.
+    """
     pool = report.synthetic_pool
-    return {
+    figures: dict[str, float | None] = {
         "privacy_decision": _DECISION_CODE[report.decision],
         "privacy_audit_subjects": float(report.audit_subjects),
-        "privacy_loss_auc": report.model_loss.auc if report.model_loss else nan,
-        "privacy_calibrated_auc": report.calibrated_loss.auc if report.calibrated_loss else nan,
-        "privacy_calibrated_tpr_1pct_fpr": report.calibrated_loss.tpr_at_1pct_fpr if report.calibrated_loss else nan,
-        "privacy_pool_pixel_auc": pool.pixel.auc if pool else nan,
-        "privacy_pool_feature_auc": pool.feature.auc if pool else nan,
+        "privacy_loss_auc": report.model_loss.auc if report.model_loss else None,
+        "privacy_calibrated_auc": report.calibrated_loss.auc if report.calibrated_loss else None,
+        "privacy_calibrated_tpr_1pct_fpr": report.calibrated_loss.tpr_at_1pct_fpr if report.calibrated_loss else None,
+        "privacy_pool_pixel_auc": pool.pixel.auc if pool else None,
+        "privacy_pool_feature_auc": pool.feature.auc if pool else None,
         "privacy_audit_seconds": report.seconds,
     }
+    return {k: v for k, v in figures.items() if v is not None}
 
 
 __all__ = [

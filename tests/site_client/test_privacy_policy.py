@@ -91,3 +91,26 @@ def test_a_memorising_stage_is_held_then_released_only_by_the_site(
     result = CliRunner().invoke(client_app, ["audit", "--site", "A", "--config", str(tmp_path / "site.toml"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["privacy"][0]["privacy"]["decision"] == "released_by_operator"
+
+
+def test_an_unmeasured_audit_adds_no_figure_that_run_json_cannot_hold() -> None:
+    """A stage whose audit was not measured (too few subjects) must not put NaN into the coordinator's run.json."""
+    import math
+
+    from invcoss_core.config import PrivacyConfig
+    from invcoss_core.privacy import audit_split
+    from invcoss_core.privacy.audit import not_measured
+    from server.state import RunState, StageRecord
+    from site_client.runner import privacy_metrics
+
+    split = audit_split(["only-one-subject"] * 4, 0.15, seed=0)
+    figures = privacy_metrics(not_measured(split, PrivacyConfig()))
+    assert all(math.isfinite(v) for v in figures.values()) and "privacy_calibrated_auc" not in figures
+    state = RunState(
+        run_id="r",
+        plan_sha256="0" * 64,
+        created_at="t",
+        updated_at="t",
+        stages=[StageRecord(index=1, site="A", metrics=figures)],
+    )
+    assert RunState.model_validate_json(state.model_dump_json()).stages[0].metrics == figures
