@@ -49,7 +49,9 @@ import json, subprocess, sys, time
 from invcoss_core.common.processes import die_with_parent
 sleeper = json.loads(sys.argv[1])
 guarded = subprocess.Popen(die_with_parent(sleeper, group=sys.argv[2] == "group"))
-plain = subprocess.Popen(sleeper)
+# The control child writes its own pid file: with one file the two children's writes race, and the test could read
+# the plain child's grandchild as the guarded one's.
+plain = subprocess.Popen([a + ".plain" if a.endswith(".pid") else a for a in sleeper])
 print(json.dumps([guarded.pid, plain.pid]), flush=True)
 time.sleep(60)
 """
