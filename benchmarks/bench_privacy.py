@@ -8,7 +8,7 @@ subjects, one of which is the validation subject), the bench uses the validation
 never trained on — and says so per stage (`non_members`). The memorising control trains the last modality on 3
 samples for `--memorise-steps` steps and is audited the same way.
 
-    python benchmarks/bench_privacy.py --profile small --steps 300 --out docs/results/privacy-small/privacy.json
+    python benchmarks/bench_privacy.py --profile small --steps 300 --out docs/results/privacy/privacy.json
 """
 
 from __future__ import annotations
