@@ -225,6 +225,12 @@ class PrivacyConfig(_Frozen):
     max_mia_auc: float = Field(0.60, ge=0.5, le=1)  # calibrated loss-attack AUC above which the hand-off is held
     # Operator override: hand off even above max_mia_auc; recorded in the signed manifest ("released_by_operator").
     release_above_max: bool = False
+    # Differentially private training (DP-SGD, invcoss_core/privacy/dp.py): the Gaussian noise's standard deviation
+    # relative to the per-sample clipping norm; None trains without DP. The (ε, δ) it gives goes into the manifest.
+    dp_noise_multiplier: float | None = Field(None, gt=0)
+    dp_max_grad_norm: float = Field(1.0, gt=0)  # each real sample's gradient is clipped to this L2 norm
+    dp_delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported; keep it below 1 / training samples
+    dp_microbatch: int = Field(16, gt=0)  # per-sample gradients computed this many at a time (memory vs speed)
 
 
 class StageConfig(_Frozen):
@@ -245,6 +251,11 @@ class StageConfig(_Frozen):
 
     @model_validator(mode="after")
     def _batch_per_device(self) -> StageConfig:
+        if self.privacy.dp_noise_multiplier is not None and self.devices > 1:
+            raise ValueError(
+                "privacy.dp_noise_multiplier (DP-SGD) runs in one process: set devices = 1 (or remove "
+                "privacy.dp_noise_multiplier)"
+            )
         if self.train.batch_size % self.devices:
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is the global batch of {self.devices} devices and must "

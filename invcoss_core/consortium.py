@@ -32,7 +32,7 @@ from invcoss_core.config import StageConfig
 from invcoss_core.inversion.gate import RealReference, gate_blocks
 from invcoss_core.inversion.synthesize import Synthesizer
 from invcoss_core.models import MultiModalMAE, build_model
-from invcoss_core.privacy import AuditInputs, audit_handoff
+from invcoss_core.privacy import NO_AUDIT, AuditInputs, audit_handoff, not_measured
 from invcoss_core.replay import PoolReplay, ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.replay.inversion import InversionReplay, PixelInversionReplay
 from invcoss_core.seeding import derive_seed
@@ -42,6 +42,7 @@ from invcoss_core.training.stage import (
     RoundWindow,
     StageError,
     prepare_models,
+    stage_dp_summary,
     stage_fingerprint,
     train_stage,
 )
@@ -344,6 +345,7 @@ def consortium_artifact(
     for name, count in blocked_by_site.items():
         outcome_metrics[f"gate_blocked_by_{name}"] = float(count)
     privacy = None
+    dp = stage_dp_summary(config, len(real_data))  # type: ignore[arg-type]  # this site's own DP-SGD guarantee
     if audit is not None:  # after the pool exists, before the manifest is signed (as in `run_stage`)
         student = load_weights(config, weights, device).eval()
         _, teacher = prepare_models(config, incoming, device)
@@ -355,7 +357,10 @@ def consortium_artifact(
             members=real_data,
             inputs=audit,
             pool=synthetic.get(modality),
+            dp=dp,
         )
+    elif dp is not None:
+        privacy = not_measured(NO_AUDIT, config.privacy, dp)
     return encode_artifact(
         run_id=run_id,
         stage_index=stage_index,

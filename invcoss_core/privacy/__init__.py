@@ -21,9 +21,10 @@ from invcoss_core.privacy.audit import (
     stack_samples,
 )
 from invcoss_core.privacy.report import AttackScore, DPSummary, PoolAttack, PrivacyReport
-from invcoss_core.privacy.split import AuditSplit, audit_split
+from invcoss_core.privacy.split import NO_AUDIT, AuditSplit, audit_split
 
 __all__ = [
+    "NO_AUDIT",
     "AttackScore",
     "AuditInputs",
     "AuditSplit",

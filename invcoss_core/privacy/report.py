@@ -41,13 +41,21 @@ class PoolAttack(_Frozen):
 
 
 class DPSummary(_Frozen):
-    """Differentially private training at the site (Opacus DP-SGD) and the guarantee it gave."""
+    """Differentially private training at the site (DP-SGD, `invcoss_core/privacy/dp.py`) and its guarantee.
 
-    epsilon: float = Field(ge=0)
+    (epsilon, delta) bound what the handed-off weights reveal about any one training sample, over `steps` steps at
+    Poisson `sample_rate`; `scope` says what the guarantee does not cover (a subject's several samples, the feature
+    statistics and the synthetic pool).
+    """
+
+    epsilon: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
-    noise_multiplier: float = Field(ge=0)
+    noise_multiplier: float = Field(gt=0)
     max_grad_norm: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=1)
     accountant: str
+    scope: str
 
 
 class PrivacyReport(_Frozen):

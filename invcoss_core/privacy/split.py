@@ -12,7 +12,7 @@ from invcoss_core.data.sampling import stable_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditSplit", "audit_split"]
+__all__ = ["NO_AUDIT", "AuditSplit", "audit_split"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,14 @@ def audit_split(subjects: Sequence[str], fraction: float, seed: int) -> AuditSpl
     train = np.array([i for i, s in enumerate(subjects) if s not in held], dtype=np.int64)
     logger.info("privacy audit: %d of %d subjects held out of training", count, len(names))
     return AuditSplit(train, audit, len(names) - count, count, fraction, True)
+
+
+NO_AUDIT = AuditSplit(  # the split of a stage that was not audited (a manifest recording only its DP guarantee)
+    train_index=np.zeros(0, dtype=np.int64),
+    audit_index=np.zeros(0, dtype=np.int64),
+    train_subjects=0,
+    audit_subjects=0,
+    fraction=0.0,
+    measured=False,
+    reason="no audit was run for this stage",
+)

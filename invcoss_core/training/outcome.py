@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from invcoss_core.artifact import Artifact
+from invcoss_core.privacy.report import DPSummary
 
 __all__ = ["NonFiniteLossError", "RoundWindow", "StageError", "StageResult", "TrainOutcome"]
 
@@ -61,3 +62,4 @@ class TrainOutcome:
     seconds: float
     seen: int  # real images trained on
     optimizer_state: dict[str, Any]
+    dp: DPSummary | None = None  # the DP-SGD guarantee of the whole stage's schedule (None: trained without DP)

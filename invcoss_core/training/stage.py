@@ -16,7 +16,8 @@ from invcoss_core.artifact import Artifact, decode_artifact, encode_artifact, wr
 from invcoss_core.common.events import EventSink, ProgressEvent, discard
 from invcoss_core.config import StageConfig
 from invcoss_core.models import MultiModalMAE, build_model
-from invcoss_core.privacy import AuditInputs, audit_handoff
+from invcoss_core.privacy import NO_AUDIT, AuditInputs, DPSummary, audit_handoff, not_measured
+from invcoss_core.privacy.dp import DPStep, PoissonBatches, collate_or_empty, dp_summary, secret_generator
 from invcoss_core.replay import ReplayContext, ReplayStrategy, build_replay
 from invcoss_core.seeding import derive_seed
 from invcoss_core.stats import FeatureStatsRecorder, merge_stats
@@ -83,6 +84,16 @@ def stage_fingerprint(config: StageConfig, modality: str, incoming: Artifact | N
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_dp_summary(config: StageConfig, n: int) -> DPSummary | None:
+    """The DP-SGD guarantee of a whole stage's schedule on `n` real samples (None: `privacy` asks for no DP)."""
+    pc, tc = config.privacy, config.train
+    if pc.dp_noise_multiplier is None:
+        return None
+    batch_size = min(tc.batch_size, n)
+    steps = (tc.steps_per_epoch or max(1, n // batch_size)) * tc.epochs
+    return dp_summary(pc.dp_noise_multiplier, pc.dp_max_grad_norm, batch_size / n, steps, pc.dp_delta)
 
 
 def _check_finite(value: float, what: str, epoch: int, steps: str) -> float:
@@ -179,6 +190,28 @@ def train_stage(
             logger.info("resuming %s stage from its checkpoint after epoch %d", modality, start_epoch)
     recorder = FeatureStatsRecorder(student, modality)
     every = check_every or default_check_every(device)
+    pc = config.privacy
+    dp_step: DPStep | None = None
+    dp: DPSummary | None = None
+    dp = stage_dp_summary(config, n)
+    if pc.dp_noise_multiplier is not None:  # DP-SGD on the real images (privacy/dp.py); one process only
+        sample_rate = batch_size / n
+        dp_step = DPStep(
+            model=student,
+            modality=modality,
+            max_grad_norm=pc.dp_max_grad_norm,
+            noise_multiplier=pc.dp_noise_multiplier,
+            expected_batch=sample_rate * n,
+            noise_generator=secret_generator(),
+            microbatch=pc.dp_microbatch,
+        )
+        dp_sampling = secret_generator()
+        if pc.dp_delta * n >= 1:
+            logger.warning(
+                "privacy.dp_delta %g is not below 1 / %d training samples: the guarantee is weak; lower it",
+                pc.dp_delta,
+                n,
+            )
     seen = 0
     started = time.perf_counter()
     for epoch in range(start_epoch, stop_epoch):
@@ -190,12 +223,20 @@ def train_stage(
             num_samples=steps_per_epoch * batch_size,
             generator=generator,
         )
-        loader = DataLoader(
-            train_data,
-            batch_sampler=distributed.rank_batches(sampler, batch_size, ranks),  # a rank: its slice of each batch
-            num_workers=tc.num_workers,
-            pin_memory=device.type == "cuda",
-        )
+        if dp_step is None:
+            loader = DataLoader(
+                train_data,
+                batch_sampler=distributed.rank_batches(sampler, batch_size, ranks),  # a rank: its slice of each batch
+                num_workers=tc.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+        else:  # Poisson batches (the accountant's assumption), drawn from a secret generator
+            loader = DataLoader(
+                train_data,
+                batch_sampler=PoissonBatches(n, batch_size / n, steps_per_epoch, dp_sampling),
+                collate_fn=collate_or_empty,
+                num_workers=tc.num_workers,
+            )
         last_epoch = epoch == tc.epochs - 1 and round_window is None
         loss_sum = replay_sum = 0.0
         replay_steps = 0
@@ -209,15 +250,27 @@ def train_stage(
             lr = lr_at(step, total_steps, warmup, tc.lr, tc.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = batch.to(device, non_blocking=True)
-            noise = distributed.shard(student.masking_noise(batch_size, modality, generator, device), ranks)
-            record = ranks is None and last_epoch and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
+            optimizer.zero_grad(set_to_none=True)
+            x = None if batch is None else batch.to(device, non_blocking=True)  # None: an empty Poisson batch
+            rows = batch_size if dp_step is None else (0 if x is None else x.shape[0])
+            noise = distributed.shard(student.masking_noise(rows, modality, generator, device), ranks)
+            # DP: statistics are recorded in one pass after training (the per-sample pass is vmapped).
+            record = (
+                dp_step is None
+                and ranks is None
+                and last_epoch
+                and (tc.stats_batches is None or step_in_epoch < tc.stats_batches)
+            )
             replay_loss: torch.Tensor | None = None
             with _autocast(device, tc.amp):
-                if record:
+                if dp_step is not None:  # sets each parameter's .grad to the clipped, noised real-image gradient
+                    loss = dp_step(x, noise)
+                elif record:
+                    assert x is not None  # only Poisson batches are ever empty
                     with recorder.recording():
                         loss = student(x, modality, noise=noise).loss
                 else:
+                    assert x is not None
                     loss = student(x, modality, noise=noise).loss
                 total = loss
                 rbatch = replay.sample_batch(step, generator)
@@ -265,13 +318,13 @@ def train_stage(
                         {"loss": loss_sum / (step_in_epoch + 1), "lr": lr},
                     )
                 )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            if total.requires_grad:  # DP without replay: the noised gradient is all there is
+                total.backward()
             distributed.average_gradients(student, ranks)
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()
-            seen += x.shape[0]
+            seen += 0 if x is None else x.shape[0]
         history["loss"].append(loss_sum / steps_per_epoch)
         if replay_steps:
             history["replay"].append(replay_sum / replay_steps)
@@ -312,6 +365,7 @@ def train_stage(
         seconds=seconds,
         seen=seen * distributed.world_size(ranks),
         optimizer_state=optimizer.state_dict(),
+        dp=dp,
     )
 
 
@@ -430,7 +484,10 @@ def run_stage(
             members=train_data,
             inputs=audit,
             pool=pool,
+            dp=trained.dp,
         )
+    elif trained.dp is not None:  # no audit asked for: the manifest still records the DP guarantee
+        privacy = not_measured(NO_AUDIT, config.privacy, trained.dp)
     modalities = [*(incoming.manifest.modalities if incoming else []), modality]
     metrics = {
         "final_loss": history["loss"][-1],
@@ -498,5 +555,6 @@ __all__ = [
     "load_student",
     "prepare_models",
     "run_stage",
+    "stage_dp_summary",
     "train_stage",
 ]
