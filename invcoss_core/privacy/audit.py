@@ -99,8 +99,13 @@ def hold_message(report: PrivacyReport) -> str | None:
 def privacy_line(report: PrivacyReport) -> str:
     """One line for CLIs and reports: the decision and the figures it rests on (no patient data)."""
     calibrated, raw = report.calibrated_loss, report.model_loss
+    dp = (
+        f"DP-SGD epsilon {report.dp.epsilon:.2f} at delta {report.dp.delta:g} (per sample, weights only)"
+        if report.dp is not None
+        else None
+    )
     if calibrated is None or raw is None:  # PrivacyReport guarantees both when measured
-        return f"not measured ({report.reason})"
+        return f"not measured ({report.reason})" + (f"; {dp}" if dp else "")
     parts = [
         f"{report.decision}: calibrated MIA AUC {calibrated.auc:.3f} (max {report.max_mia_auc:.2f}, "
         f"TPR@1%FPR {calibrated.tpr_at_1pct_fpr:.3f}), loss AUC {raw.auc:.3f}",
@@ -111,8 +116,8 @@ def privacy_line(report: PrivacyReport) -> str:
             f"pool AUC pixel {pool.pixel.auc:.3f} / feature {pool.feature.auc:.3f}, "
             f"DCR ratio {pool.dcr_ratio_pixel:.3f} / {pool.dcr_ratio_feature:.3f}"
         )
-    if report.dp is not None:
-        parts.append(f"DP-SGD epsilon {report.dp.epsilon:.2f} at delta {report.dp.delta:g}")
+    if dp is not None:
+        parts.append(dp)
     parts.append(f"{report.train_subjects} train / {report.audit_subjects} audit subjects, {report.seconds:.1f} s")
     return "; ".join(parts)
 

@@ -12,7 +12,7 @@ import torch
 from invcoss_core.config import ConfigError, build_config
 from invcoss_core.data import TensorImages
 from invcoss_core.models import build_model
-from invcoss_core.privacy import PrivacyReport
+from invcoss_core.privacy import PrivacyReport, privacy_line
 from invcoss_core.privacy.dp import DPStep, PoissonBatches, epsilon, used_parameters
 from invcoss_core.training import run_stage
 from tests.helpers import structured_images
@@ -139,6 +139,7 @@ def test_a_dp_stage_records_its_guarantee_in_the_signed_manifest() -> None:
     assert dp.epsilon == pytest.approx(epsilon(1.1, 8 / 40, 6, 1e-4))
     assert "weights only" in dp.scope and dp.accountant == "opacus-rdp"
     assert all(math.isfinite(v) for v in result.epoch_losses)
+    assert privacy_line(privacy).startswith("not measured (no audit") and "DP-SGD epsilon" in privacy_line(privacy)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,4 @@ def test_dp_training_defeats_the_memorising_control(memorising_with_dp: PrivacyR
     assert report.measured and report.calibrated_loss is not None and report.dp is not None
     assert report.calibrated_loss.auc < 0.75  # without DP the same stage gives ≥ 0.9
     assert report.dp.sample_rate == 1.0 and report.dp.steps == 150  # 3 samples, batch 3: every step sees all
+    assert f"DP-SGD epsilon {report.dp.epsilon:.2f}" in privacy_line(report)
