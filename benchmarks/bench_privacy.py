@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from invcoss_core.artifact import Artifact
+from invcoss_core.artifact import Artifact, read_artifact_dir
 from invcoss_core.config import StageConfig, deep_merge
 from invcoss_core.data import TensorImages, default_samples_dir, load_site_dataset
 from invcoss_core.evaluation.bench.stages import finish_stage
@@ -145,6 +145,19 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--memorise-steps", type=int, default=1000)
     parser.add_argument("--dp-noise", default="0.5,1.0,2.0", help="DP-SGD noise multipliers ('' skips part 3)")
+    parser.add_argument(
+        "--first-stage",
+        type=Path,
+        default=None,
+        help="an invcoss first-stage artifact of an earlier run of this bench (same settings): part 3 starts from it",
+    )
+    parser.add_argument(
+        "--dp-inversion-images",
+        type=int,
+        default=None,
+        help="part 3: synthetic images inverted after each DP stage (default: the profile's); the DP guarantee and the "
+        "loss attacks concern the weights, which the inversion after training does not change",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
@@ -165,17 +178,62 @@ def main() -> None:
         max_per_class=settings.probe_max_per_class,
     )
     results: dict[str, Any] = {"settings": {**vars(args), "out": str(args.out), "stage_steps": steps}}
-    work = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
 
-    # Part 1: the shared first stage, each method's hand-off of it, then each method's second stage.
+    data2 = stage_data(settings.config_for("finetune", seed, 1), modality)
+    first: dict[str, Artifact] = {}
+    if args.first_stage is not None:
+        first["invcoss"] = read_artifact_dir(args.first_stage)
+    if args.methods:
+        part_one(args, settings, data, data2, first, results)
+
+    # Part 2: the memorising control (--memorise-steps 0 skips it).
+    if args.memorise_steps > 0:
+        memorising_control(args, settings, modality, data2, results)
+
+    # Part 3: DP-SGD at the second stage of invcoss (the non-DP row is part 1's).
+    dp_rows: dict[str, Any] = {}
+    if args.dp_noise and "invcoss" in first:
+        for sigma in (float(s) for s in args.dp_noise.split(",")):
+            changes: dict[str, Any] = {"privacy": {"dp_noise_multiplier": sigma}}
+            if args.dp_inversion_images is not None:
+                changes["inversion"] = {"num_images": args.dp_inversion_images}
+            config = settings.config_for("invcoss", seed, 1)
+            config = StageConfig.model_validate(deep_merge(config.model_dump(mode="json"), changes))
+            result, seconds = later_stage(config, modality, first["invcoss"], data2, f"dp-{sigma}")
+            privacy = result.artifact.manifest.privacy
+            row = figures(privacy, data2[2], len(data2[0]), seconds - (privacy.seconds if privacy else 0))
+            anchors = {
+                first_modality: decoder_state(first["invcoss"].weights),
+                modality: decoder_state(result.artifact.weights),
+            }
+            row["after"] = evaluated(result.artifact, anchors, data, settings)
+            row["final_loss"] = result.metrics["final_loss"]
+            row["train_seconds"] = round(result.train_seconds, 1)
+            dp_rows[str(sigma)] = row
+            print("dp", sigma, json.dumps(row), flush=True)
+    results["dp"] = dp_rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+def part_one(
+    args: argparse.Namespace,
+    settings: BenchSettings,
+    data: BenchData,
+    data2: tuple[TensorImages, AuditInputs, str],
+    first: dict[str, Artifact],
+    results: dict[str, Any],
+) -> None:
+    """The shared first stage, each method's hand-off of it, then each method's second stage, all audited."""
+    seed, (first_modality, modality) = args.seed, settings.order[:2]
+    work = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
     config1 = settings.first_stage_config(seed)
     data1 = stage_data(config1, first_modality)
     started = time.perf_counter()
     shared = run_stage(config=config1, modality=first_modality, train_data=data1[0], run_id="shared", audit=data1[1])
     assert shared is not None
     shared_seconds = time.perf_counter() - started - (shared.artifact.manifest.privacy.seconds or 0.0)  # type: ignore[union-attr]
-    data2 = stage_data(settings.config_for("finetune", seed, 1), modality)
-    first: dict[str, Artifact] = {}
     rows: dict[str, Any] = {}
     for method in args.methods.split(","):
         config = settings.config_for(method, seed, 0)
@@ -215,34 +273,6 @@ def main() -> None:
         rows[method][modality]["after"] = evaluated(result.artifact, anchors, data, settings)
         print(method, modality, json.dumps(rows[method][modality]), flush=True)
     results["methods"] = rows
-
-    # Part 2: the memorising control (--memorise-steps 0 skips it).
-    if args.memorise_steps > 0:
-        memorising_control(args, settings, modality, data2, results)
-
-    # Part 3: DP-SGD at the second stage of invcoss (the non-DP row is part 1's).
-    dp_rows: dict[str, Any] = {}
-    if args.dp_noise and "invcoss" in first:
-        for sigma in (float(s) for s in args.dp_noise.split(",")):
-            config = settings.config_for("invcoss", seed, 1)
-            config = StageConfig.model_validate(
-                deep_merge(config.model_dump(mode="json"), {"privacy": {"dp_noise_multiplier": sigma}})
-            )
-            result, seconds = later_stage(config, modality, first["invcoss"], data2, f"dp-{sigma}")
-            privacy = result.artifact.manifest.privacy
-            row = figures(privacy, data2[2], len(data2[0]), seconds - (privacy.seconds if privacy else 0))
-            anchors = {
-                first_modality: decoder_state(first["invcoss"].weights),
-                modality: decoder_state(result.artifact.weights),
-            }
-            row["after"] = evaluated(result.artifact, anchors, data, settings)
-            row["final_loss"] = result.metrics["final_loss"]
-            dp_rows[str(sigma)] = row
-            print("dp", sigma, json.dumps(row), flush=True)
-    results["dp"] = dp_rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print("wrote", args.out)
 
 
 if __name__ == "__main__":
