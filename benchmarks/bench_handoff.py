@@ -10,6 +10,15 @@ Payloads: a real stage artifact (trained and inverted on the CT sample images) a
 
 Size: the artifact's bytes (weights, statistics, synthetic pool) against the 5 % real buffer it replaces —
 as model inputs (what the `real_buffer` baseline ships, float16) and as the raw image files of 5 % of the data.
+
+`--base`: instead of the trained artifact, a `base`-sized one built without training — the ViT-B encoder and
+decoder weights (seeded initialisation), statistics recorded on one random batch per modality, and full synthetic
+pools of CT, MRI and pathology at `base` input sizes (`--pool` images each, random values; default 5 % of the
+`base` preset's 2048 samples) — as after a third stage. It reports the bytes per part (and what float16 weights
+would take), and the peak resident memory (VmHWM, sampled every 0.1 s) of every Flower process during the
+hand-off: the SuperLink, the ServerApp (the coordinator's side), the SuperNode and the ClientApp (the site's).
+
+    python benchmarks/bench_handoff.py --base --pad-mb "" --repeats 1 --out docs/results/handoff-base
 """
 
 from __future__ import annotations
@@ -72,6 +81,108 @@ def make_artifact(profile: str, out: Path) -> tuple[Path, dict[str, Any]]:
     }
 
 
+def make_base_artifact(out: Path, pool: int) -> tuple[Path, dict[str, Any]]:
+    """A `base`-sized artifact after three stages (CT, MRI, pathology), no training; returns it and its part sizes."""
+    import torch
+    from safetensors.torch import save as safetensors_bytes
+
+    from invcoss_core.artifact import encode_artifact
+    from invcoss_core.data import TensorImages
+    from invcoss_core.stats import FeatureStatsRecorder, merge_stats
+    from invcoss_core.training.stage import record_statistics, seeded_model
+
+    config = build_config("base")
+    modalities = ["ct", "mri", "pathology"]
+    model = seeded_model(config, "handoff-bench")
+    stats: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(0)
+    for modality in modalities:
+        shape = config.model.spec(modality).input_shape
+        recorder = FeatureStatsRecorder(model, modality)
+        record_statistics(
+            model,
+            recorder,
+            TensorImages(torch.rand(2, *shape, generator=generator)),
+            2,
+            modality,
+            torch.device("cpu"),
+            0,
+        )
+        stats = merge_stats(stats, recorder.result())
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    pools = {m: torch.rand(pool, *config.model.spec(m).input_shape, generator=generator) for m in modalities}
+    files = encode_artifact(
+        run_id="bench",
+        stage_index=3,
+        site="A",
+        modalities=modalities,
+        profile="base",
+        replay="inversion",
+        parent_sha256=None,
+        architecture=config.model,
+        weights=weights,
+        stats=stats,
+        synthetic=pools,
+    )
+    write_artifact_dir(files, out / "base-artifact")
+    parts = {name: len(data) for name, data in files.items()}
+    return out / "base-artifact", {
+        "pool_images_per_modality": pool,
+        "parts_bytes": parts,
+        "weights_float16_bytes": len(
+            safetensors_bytes({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()})
+        ),
+        "parameters": sum(v.numel() for v in weights.values()),
+    }
+
+
+FLOWER_ROLES = {
+    "flower-superlink": "superlink",
+    "flwr-serverapp": "serverapp",
+    "flower-supernode": "supernode",
+    "flwr-clientapp": "clientapp",
+}
+
+
+class ProcessPeaks:
+    """Peak resident memory (VmHWM) per Flower process role, over the sessions of the processes started here."""
+
+    def __init__(self) -> None:
+        self.sessions: set[int] = set()
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return dict(self.peaks)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    self._sample(entry)
+
+    def _sample(self, entry: Path) -> None:
+        try:
+            stat = (entry / "stat").read_text()
+            session = int(stat.rsplit(")", 1)[1].split()[3])
+            if session not in self.sessions:
+                return
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
+        except (OSError, ValueError, IndexError):
+            return  # the process ended meanwhile
+        role = next((r for name, r in FLOWER_ROLES.items() if name in command), None)
+        hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        if role is not None:
+            self.peaks[role] = max(self.peaks.get(role, 0), hwm)
+
+
 def pad_artifact(out: Path, megabytes: int) -> Path:
     """A payload folder of `megabytes` random bytes (plus a manifest, so it reads like an artifact folder)."""
     folder = out / f"pad-{megabytes}mb"
@@ -129,8 +240,17 @@ def _read(sock: ssl.SSLSocket, n: int) -> bytes:
     return data
 
 
-def flower_transfer(work: Path, paths: CertificatePaths, payloads: list[dict[str, Any]], repeats: int) -> list[dict]:
-    """Time each payload through SuperLink → SuperNode (TLS, node auth) with the production codec."""
+def flower_transfer(
+    work: Path,
+    paths: CertificatePaths,
+    payloads: list[dict[str, Any]],
+    repeats: int,
+    peaks: ProcessPeaks | None = None,
+) -> list[dict]:
+    """Time each payload through SuperLink → SuperNode (TLS, node auth) with the production codec.
+
+    `peaks`, when given, watches the memory of the Flower processes started here (their sessions).
+    """
     env = dict(
         os.environ,
         FLWR_HOME=str(work / "flwr-home"),
@@ -204,6 +324,9 @@ def flower_transfer(work: Path, paths: CertificatePaths, payloads: list[dict[str
                 start_new_session=True,
             )
         )
+        if peaks is not None:
+            peaks.sessions.add(procs[-1].pid)
+            peaks.start()
         _wait_healthy(port, paths)
         subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(work / "site.pub"), "bench", "--name", "bench"],
@@ -231,6 +354,8 @@ def flower_transfer(work: Path, paths: CertificatePaths, payloads: list[dict[str
                 start_new_session=True,
             )
         )
+        if peaks is not None:
+            peaks.sessions.add(procs[-1].pid)
         time.sleep(3)
         subprocess.run(
             [
@@ -285,20 +410,31 @@ def main() -> None:
     parser.add_argument("--pad-mb", default="10,50", help="sizes of random padding payloads in MiB ('' for none)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-out/handoff"))
+    parser.add_argument("--base", action="store_true", help="a base-sized artifact (no training) and peak memory")
+    parser.add_argument("--pool", type=int, default=102, help="--base: synthetic images per modality")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-handoff-"))
     try:
         paths = create_certificates(work / "certs")
-        artifact, sizes = make_artifact(args.profile, work)
-        folders = [("artifact", artifact)] + [
+        base: dict[str, Any] = {}
+        if args.base:
+            artifact, base = make_base_artifact(work, args.pool)
+            tiny, _ = make_artifact("tiny", work)  # the fixed per-stage overhead: the same path with a small payload
+            folders = [("base artifact", artifact), ("tiny artifact", tiny)]
+        else:
+            artifact, sizes = make_artifact(args.profile, work)
+            folders = [("artifact", artifact)]
+        folders += [
             (f"random {mb} MiB", pad_artifact(work, mb)) for mb in (int(x) for x in args.pad_mb.split(",") if x)
         ]
         payloads: list[dict[str, Any]] = [
             {"name": name, "dir": str(folder), "bytes": sum(len(b) for b in read_artifact_files(folder).values())}
             for name, folder in folders
         ]
-        flower = flower_transfer(work, paths, payloads, args.repeats)
+        peaks = ProcessPeaks() if args.base else None
+        flower = flower_transfer(work, paths, payloads, args.repeats, peaks)
+        memory = peaks.stop() if peaks is not None else {}
         rows = []
         for item in payloads:
             data = read_artifact_files(Path(item["dir"]))
@@ -319,6 +455,22 @@ def main() -> None:
             )
         files = read_artifact_files(artifact)
         artifact_bytes = sum(len(b) for b in files.values())
+        if args.base:
+            overhead = next(r["flower_s"] for r in rows if r["payload"] == "tiny artifact")
+            big = rows[0]
+            result = {
+                "profile": "base",
+                "transport": rows,
+                "base": base,
+                "artifact_bytes": artifact_bytes,
+                "fixed_overhead_s": overhead,
+                "handoff_vs_goal": big["flower_s"] / (1.5 * big["tls_s"] + overhead),
+                "peak_rss_bytes": memory,
+                "peak_rss_vs_artifact": {role: b / artifact_bytes for role, b in memory.items()},
+            }
+            (args.out / "results.json").write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
+            return
         size = {
             **sizes,
             "artifact_bytes": artifact_bytes,

@@ -1,8 +1,9 @@
 """Flower app used by `bench_handoff.py`: the ServerApp sends artifact payloads, the ClientApp checks and acks them.
 
 Copied into a throwaway app folder by the benchmark. The payloads go through the same codec as the real
-hand-off (`server.codec.build_stage_message`: raw files as uint8 Arrays); the ClientApp replies with the sha256
-of what it received and nothing else, so the measured time is one hand-off (coordinator → site) plus a tiny ack.
+hand-off (`server.codec.build_stage_message`: raw files as uint8 Arrays); the ClientApp decodes them with the
+site's codec (`site_client.codec.parse_stage_request`) and replies with the sha256 of the files and nothing else,
+so the measured time is one hand-off (coordinator → site) plus a tiny ack.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from invcoss_core.artifact import read_artifact_files
 from server.codec import StageRequest, build_stage_message
+from site_client.codec import parse_stage_request
 
 app = ServerApp()
 client = ClientApp()
@@ -66,9 +68,11 @@ def main(grid: Grid, context: Context) -> None:
 
 @client.train("stage")
 def receive(msg: Message, context: Context) -> Message:
-    """Hash what arrived and acknowledge it."""
+    """Decode what arrived as the site does, hash it and acknowledge it."""
     started = time.perf_counter()
-    record = msg.content.array_records["artifact"]
-    data = b"".join(bytes(record[name].data) for name in sorted(record))
-    ack = ConfigRecord({"sha256": hashlib.sha256(data).hexdigest(), "seconds": time.perf_counter() - started})
+    files = parse_stage_request(msg).files  # what the production site codec makes of the message
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(files[name])
+    ack = ConfigRecord({"sha256": digest.hexdigest(), "seconds": time.perf_counter() - started})
     return Message(RecordDict({"ack": ack}), reply_to=msg)
