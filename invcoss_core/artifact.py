@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from invcoss_core.common.signing import PublicKey, verify_bytes
-from invcoss_core.config import ModelConfig
+from invcoss_core.config import ModelConfig, WeightsDtype
 from invcoss_core.privacy.report import PrivacyReport
 
 FORMAT_VERSION = 1
@@ -39,6 +39,11 @@ REAL_BUFFER = "real_buffer.safetensors"  # MedCoSS baseline only: real images, n
 _SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}\.safetensors$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_FILE_BYTES = 8 << 30
+_WEIGHT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 class ArtifactError(ValueError):
@@ -94,6 +99,7 @@ class Manifest(_Frozen):
     contains_real_data: bool = False  # True only for the local real_buffer baseline
     metrics: dict[str, float] = Field(default_factory=dict)  # stage summary numbers (no patient data)
     precision: Literal["float32", "bfloat16"] | None = None  # the stage's training precision; None: not recorded
+    weights_dtype: WeightsDtype = "float32"  # floating weights as stored in weights.safetensors (hand-off size)
     privacy: PrivacyReport | None = None  # the site's membership-inference audit and policy decision (figures only)
 
     @field_validator("parent_sha256")
@@ -163,6 +169,7 @@ def encode_artifact(
     privacy: PrivacyReport | None = None,
     created_at: str | None = None,
     precision: Literal["float32", "bfloat16"] | None = None,
+    weights_dtype: WeightsDtype = "float32",
 ) -> dict[str, bytes]:
     """Serialise an artifact into its files (name -> bytes).
 
@@ -171,14 +178,20 @@ def encode_artifact(
         extras: name -> tensors, written as `<name>.safetensors` (e.g. EWC Fisher, the real buffer).
         signer: signs manifest.json's bytes (the site's private key); None leaves the artifact unsigned.
         precision: what the stage trained in ("bfloat16" autocast on a GPU, "float32"); None: not recorded.
+        weights_dtype: the dtype floating weights are stored in; "float16"/"bfloat16" halve the weights' bytes
+            (a receiver loads them into its float32 model). Recorded in the manifest.
     Returns:
         {file name: bytes}, including manifest.json and (when signed) manifest.sig.
     Raises:
         ArtifactError: for non-finite weights or a synthetic pool of the wrong rank.
     """
-    for name, tensor in weights.items():
+    dtype = _WEIGHT_DTYPES[weights_dtype]
+    stored = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    for name, tensor in stored.items():  # after the cast: float16 overflows to inf above 65504
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"weight {name} holds NaN or inf; refusing to hand off a broken model")
+            raise ArtifactError(
+                f"weight {name} holds NaN or inf (as {weights_dtype}); refusing to hand off a broken model"
+            )
     pools: dict[str, torch.Tensor] = {}
     for modality, images in synthetic.items():
         spec = architecture.spec(modality)
@@ -188,7 +201,7 @@ def encode_artifact(
             )
         pools[modality] = images.to(torch.float16)
     files: dict[str, bytes] = {
-        WEIGHTS: _tensor_file(weights),
+        WEIGHTS: _tensor_file(stored),
         STATS: _tensor_file(stats),
         SYNTHETIC: _tensor_file(pools),
     }
@@ -213,6 +226,7 @@ def encode_artifact(
         contains_real_data=contains_real,
         metrics=dict(metrics or {}),
         precision=precision,
+        weights_dtype=weights_dtype,
         privacy=privacy,
     )
     manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
@@ -285,6 +299,10 @@ def decode_artifact(
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{source}: weight {name} holds NaN or inf")
+        if tensor.is_floating_point() and tensor.dtype != _WEIGHT_DTYPES[manifest.weights_dtype]:
+            raise ArtifactError(
+                f"{source}: weight {name} is {tensor.dtype}, the manifest says {manifest.weights_dtype}"
+            )
     synthetic = _load_tensors(SYNTHETIC, files[SYNTHETIC])
     if {m: int(t.shape[0]) for m, t in synthetic.items()} != manifest.synthetic:
         raise ArtifactError(f"{source}: synthetic pool counts differ from the manifest")
