@@ -155,46 +155,44 @@ def build_stage_message(
 
 def build_part_messages(
     request: StageRequest, parent_files: Mapping[str, bytes], node_id: int, ttl: float, part_bytes: int
-) -> tuple[Iterator[Message], Message]:
-    """The messages of one stage attempt: `train.part` messages for files above `part_bytes`, then the stage.
+) -> Iterator[Message]:
+    """The messages of one stage attempt, in sending order: `train.part` messages for the files above
+    `part_bytes`, then the `train.stage` message naming them.
 
-    The part messages are built one at a time as the iterator is consumed, so that only one slice is copied into
-    Flower records at once; push them in order, then the stage message (the SuperLink delivers a node's messages
-    in the order they were pushed).
+    Each message is built only when the iterator reaches it, so that one slice at a time is copied into Flower
+    records, and so that the stage message is created last: the SuperLink hands a node its messages in the order of
+    their creation time (`created_at`, set when the Message is built), and the site reads the parts when the stage
+    message arrives. Push each message as it comes.
 
-    Returns:
-        (part messages, the `train.stage` message naming them).
     Raises:
         ValueError: for a part size below 1 byte.
     """
     inline, slices = plan_parts(parent_files, part_bytes)
     transfer = secrets.token_hex(16) if slices else ""
     parted = {name: len(parent_files[name]) for name, _, _ in slices}
-
-    def parts() -> Iterator[Message]:
-        for index, (name, offset, length) in enumerate(slices):
-            data = bytes(memoryview(parent_files[name])[offset : offset + length])
-            part = PartRequest(
-                run_id=request.run_id,
-                stage_index=request.stage_index,
-                transfer=transfer,
-                file=name,
-                offset=offset,
-                size=len(parent_files[name]),
-                index=index,
-                count=len(slices),
-            )
-            record = ArrayRecord()
-            record[name] = Array(dtype="uint8", shape=(length,), stype=FILE_STYPE, data=data)
-            yield Message(
-                RecordDict({ARTIFACT_RECORD: record, PART_RECORD: ConfigRecord(part_fields(part))}),
-                dst_node_id=node_id,
-                message_type=PART_MESSAGE,
-                group_id=f"{request.run_id}/stage-{request.stage_index}/part-{index}",
-                ttl=ttl,
-            )
-
-    return parts(), build_stage_message(request, inline, node_id, ttl, transfer, parted)
+    for index, (name, offset, length) in enumerate(slices):
+        data = bytes(memoryview(parent_files[name])[offset : offset + length])
+        part = PartRequest(
+            run_id=request.run_id,
+            stage_index=request.stage_index,
+            transfer=transfer,
+            file=name,
+            offset=offset,
+            size=len(parent_files[name]),
+            index=index,
+            count=len(slices),
+        )
+        record = ArrayRecord()
+        record[name] = Array(dtype="uint8", shape=(length,), stype=FILE_STYPE, data=data)
+        del data
+        yield Message(
+            RecordDict({ARTIFACT_RECORD: record, PART_RECORD: ConfigRecord(part_fields(part))}),
+            dst_node_id=node_id,
+            message_type=PART_MESSAGE,
+            group_id=f"{request.run_id}/stage-{request.stage_index}/part-{index}",
+            ttl=ttl,
+        )
+    yield build_stage_message(request, inline, node_id, ttl, transfer, parted)
 
 
 def parse_stage_reply(message: Message) -> StageReply:
@@ -333,17 +331,16 @@ class FlowerGrid:
         Raises:
             ProtocolError: when the SuperLink did not accept the message.
         """
-        parts, message = build_part_messages(request, parent_files, node_id, ttl, self._part_bytes)
-        for index, part in enumerate(parts):
-            part_ids = list(self._grid.push_messages([part]))
-            if not part_ids or not part_ids[0]:
-                raise ProtocolError(f"the SuperLink refused part {index} of the stage {request.stage_index} artifact")
-            self._parts_in_flight.add(str(part_ids[0]))
-            del part  # only one slice held at a time
-        ids = list(self._grid.push_messages([message]))
-        if not ids or not ids[0]:
-            raise ProtocolError(f"the SuperLink refused the stage {request.stage_index} message")
-        return str(ids[0])
+        part_ids: list[str] = []
+        for message in build_part_messages(request, parent_files, node_id, ttl, self._part_bytes):
+            ids = list(self._grid.push_messages([message]))
+            if not ids or not ids[0]:
+                what = "message" if message.metadata.message_type == STAGE_MESSAGE else f"artifact part {len(part_ids)}"
+                raise ProtocolError(f"the SuperLink refused the stage {request.stage_index} {what}")
+            part_ids.append(str(ids[0]))
+            del message  # one slice held at a time
+        self._parts_in_flight.update(part_ids[:-1])
+        return part_ids[-1]
 
     def send_step(self, node_id: int, request: StepRequest, ttl: float) -> str:
         """Push one consortium step request; returns its message id.

@@ -43,11 +43,11 @@ def store_part(incoming: Path, part: PartRequest) -> Path:
 
 def _covered(folder: Path, name: str, size: int) -> bool:
     """True when the stored slices of `name` cover bytes 0..size without a gap."""
-    spans = []
+    spans: list[tuple[int, int]] = []
     for marker in folder.glob(f".{name}.*-*"):
-        start, _, length = marker.name[len(name) + 2 :].partition("-")
-        if start.isdigit() and length.isdigit():
-            spans.append((int(start), int(length)))
+        first, _, count = marker.name[len(name) + 2 :].partition("-")
+        if first.isdigit() and count.isdigit():
+            spans.append((int(first), int(count)))
     end = 0
     for start, length in sorted(spans):
         if start > end:

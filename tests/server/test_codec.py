@@ -169,8 +169,9 @@ def test_a_big_artifact_travels_as_parts_ahead_of_its_stage_message_and_reassemb
     files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
     sha = decode_artifact(files).sha256
     part_bytes = 4096
-    parts, message = coordinator.build_part_messages(_request(sha), files, node_id=7, ttl=900, part_bytes=part_bytes)
-    parts = list(parts)
+    *parts, message = coordinator.build_part_messages(_request(sha), files, node_id=7, ttl=900, part_bytes=part_bytes)
+    assert message.metadata.message_type == "train.stage"
+    assert all(p.metadata.created_at < message.metadata.created_at for p in parts)  # delivered in creation order
     big = {n: len(b) for n, b in files.items() if len(b) > part_bytes}
     assert big and len(parts) == sum(-(-size // part_bytes) for size in big.values())
     assert all(len(next(iter(p.content.array_records["artifact"].values())).data) <= part_bytes for p in parts)
@@ -184,8 +185,8 @@ def test_a_big_artifact_travels_as_parts_ahead_of_its_stage_message_and_reassemb
 
 def test_a_stage_message_whose_parts_did_not_all_arrive_is_refused(keys: Keys, tmp_path: Path) -> None:
     files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
-    parts, message = coordinator.build_part_messages(_request(), files, node_id=7, ttl=900, part_bytes=4096)
-    _send_parts(list(parts)[1:], tmp_path)
+    *parts, message = coordinator.build_part_messages(_request(), files, node_id=7, ttl=900, part_bytes=4096)
+    _send_parts(parts[1:], tmp_path)
     with pytest.raises(site.ProtocolError, match="did not arrive whole"):
         site.parse_stage_request(message, tmp_path)
     with pytest.raises(site.ProtocolError, match="keeps none"):
@@ -205,8 +206,7 @@ def test_a_part_with_an_unsafe_name_or_a_slice_outside_its_file_is_refused(
     keys: Keys, change: dict[str, object], match: str
 ) -> None:
     files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
-    parts, _ = coordinator.build_part_messages(_request(), files, node_id=7, ttl=900, part_bytes=4096)
-    message = next(iter(parts))
+    message = next(coordinator.build_part_messages(_request(), files, node_id=7, ttl=900, part_bytes=4096))
     record = message.content.config_records["part"]
     for key, value in change.items():
         record[key] = value  # type: ignore[assignment]
