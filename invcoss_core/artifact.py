@@ -10,10 +10,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,12 +245,60 @@ def _load_tensors(name: str, data: bytes) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{name} is not a valid safetensors file: {err}") from None
 
 
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _tensor_views(name: str, data: bytes) -> dict[str, torch.Tensor]:
+    """Read-only tensors that share `data`'s memory (no copy): for checks whose tensors never leave this module.
+
+    Raises:
+        ArtifactError: for a file that is not safetensors of a known dtype with in-bounds offsets.
+    """
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        start = 8 + header_len
+        views: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": these views are only read
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = [int(d) for d in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+                count = math.prod(shape)
+                if not 0 <= begin <= end <= len(data) - start or end - begin != count * dtype.itemsize:
+                    raise ValueError(f"tensor {key} lies outside the file or has the wrong size")
+                flat = (
+                    torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
+                    if count
+                    else torch.empty(0, dtype=dtype)
+                )
+                views[key] = flat.view(shape)
+        return views
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise ArtifactError(f"{name} is not a valid safetensors file: {err}") from None
+
+
 def decode_artifact(
     files: Mapping[str, bytes],
     *,
     public_key: PublicKey | None = None,
     require_signature: bool = False,
     source: str = "artifact",
+    keep_tensors: bool = True,
 ) -> Artifact:
     """Verify and parse an artifact's files.
 
@@ -260,6 +310,9 @@ def decode_artifact(
         public_key: the sending site's enrolled key; the signature must verify against it.
         require_signature: refuse an unsigned artifact even when no key is given.
         source: used in error messages (a path or a message id).
+        keep_tensors: False checks the same things on views of `files` and returns the artifact without its
+            tensors (empty weights, stats, synthetic and extras): what a holder that only forwards the files needs,
+            at no memory beyond the files (a copy of every tensor doubled the coordinator's peak at `base`).
     Raises:
         ArtifactError: naming what failed.
     """
@@ -295,7 +348,8 @@ def decode_artifact(
                 f"(the manifest claims site {manifest.site!r}): forged, modified, or signed by another site"
             )
         signed = True
-    weights = _load_tensors(WEIGHTS, files[WEIGHTS])
+    load = _load_tensors if keep_tensors else _tensor_views
+    weights = load(WEIGHTS, files[WEIGHTS])
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{source}: weight {name} holds NaN or inf")
@@ -303,7 +357,7 @@ def decode_artifact(
             raise ArtifactError(
                 f"{source}: weight {name} is {tensor.dtype}, the manifest says {manifest.weights_dtype}"
             )
-    synthetic = _load_tensors(SYNTHETIC, files[SYNTHETIC])
+    synthetic = load(SYNTHETIC, files[SYNTHETIC])
     if {m: int(t.shape[0]) for m, t in synthetic.items()} != manifest.synthetic:
         raise ArtifactError(f"{source}: synthetic pool counts differ from the manifest")
     for modality, images in synthetic.items():
@@ -315,14 +369,17 @@ def decode_artifact(
         if not bool(torch.isfinite(images).all()):
             raise ArtifactError(f"{source}: synthetic pool {modality} holds NaN or inf")
     extras = {
-        name[: -len(".safetensors")]: _load_tensors(name, files[name])
+        name[: -len(".safetensors")]: load(name, files[name])
         for name in manifest.files
         if name not in (WEIGHTS, STATS, SYNTHETIC)
     }
+    stats = load(STATS, files[STATS])
+    if not keep_tensors:
+        weights, stats, synthetic, extras = {}, {}, {}, {}
     return Artifact(
         manifest=manifest,
         weights=weights,
-        stats=_load_tensors(STATS, files[STATS]),
+        stats=stats,
         synthetic=synthetic,
         extras=extras,
         manifest_bytes=manifest_bytes,

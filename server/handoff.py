@@ -102,10 +102,12 @@ def verify_stage_artifact(
 
 
 def load_checkpoint_artifact(
-    layout: StateLayout, index: int, site: str, sha256: str | None
+    layout: StateLayout, index: int, site: str, sha256: str | None, keep_tensors: bool = True
 ) -> tuple[Artifact, dict[str, bytes]]:
     """Re-read and re-verify a persisted stage artifact (the parent of the next stage).
 
+    Args:
+        keep_tensors: False when the coordinator only forwards the files (see `decode_artifact`).
     Returns:
         The verified artifact and its raw files (what is forwarded to the next site).
     Raises:
@@ -114,7 +116,13 @@ def load_checkpoint_artifact(
     """
     path = layout.checkpoint(index)
     files = read_artifact_files(path)
-    artifact = decode_artifact(files, public_key=enrolled_key(layout, site), require_signature=True, source=str(path))
+    artifact = decode_artifact(
+        files,
+        public_key=enrolled_key(layout, site),
+        require_signature=True,
+        source=str(path),
+        keep_tensors=keep_tensors,
+    )
     if sha256 is not None and artifact.sha256 != sha256:
         raise ArtifactError(f"{path} is not the artifact recorded for stage {index} (sha256 differs)")
     return artifact, files

@@ -124,7 +124,9 @@ class PlanRunner:
         if index == 1:
             return Parent(None, {}, None)
         prev = state.stage(index - 1)
-        artifact, files = load_checkpoint_artifact(self.layout, index - 1, prev.site, prev.artifact_sha256)
+        # A one-site stage only forwards the parent's files; a consortium stage averages from its weights.
+        keep = self.config.stages[index - 1].is_consortium
+        artifact, files = load_checkpoint_artifact(self.layout, index - 1, prev.site, prev.artifact_sha256, keep)
         key = public_key_openssh(enrolled_key(self.layout, prev.site)).decode()
         return Parent(artifact, files, key)
 

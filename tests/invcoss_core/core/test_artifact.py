@@ -243,3 +243,35 @@ def test_float16_overflow_and_a_dtype_the_manifest_does_not_name_are_refused() -
     # Re-hashing is not enough: the weights are bfloat16 but the manifest says float32.
     with pytest.raises(ArtifactError, match="the manifest says float32"):
         decode_artifact(files)
+
+
+def _rehashed(files: dict[str, bytes], name: str, data: bytes) -> dict[str, bytes]:
+    """`files` with `name` replaced and the manifest's hash fixed up (as an attacker without the key could)."""
+    from invcoss_core.artifact import sha256_hex
+
+    manifest = json.loads(files[MANIFEST])
+    manifest["files"][name] = {"sha256": sha256_hex(data), "bytes": len(data)}
+    return {**files, name: data, MANIFEST: json.dumps(manifest).encode()}
+
+
+def test_verifying_without_keeping_tensors_checks_the_same_and_returns_none() -> None:
+    from safetensors.torch import save
+
+    files, weights = _files()
+    light = decode_artifact(files, keep_tensors=False)
+    assert light.sha256 == decode_artifact(files).sha256 and light.manifest.synthetic == {"ct": 5}
+    assert light.weights == {} and light.synthetic == {} and light.stats == {}
+    bad = {k: v.clone() for k, v in weights.items()}
+    key = next(k for k, v in bad.items() if v.is_floating_point())
+    bad[key].view(-1)[3] = float("inf")
+    for tampered in (
+        _rehashed(files, WEIGHTS, save(bad)),
+        _rehashed(files, SYNTHETIC, save({"ct": torch.rand(5, 1, 8, 16, 16).half()})),
+        _rehashed(files, WEIGHTS, b"\x00" * 64),
+        _rehashed(files, WEIGHTS, files[WEIGHTS][:-4]),  # a tensor's bytes cut short
+    ):
+        with pytest.raises(ArtifactError) as full:
+            decode_artifact(tampered)
+        with pytest.raises(ArtifactError) as views:
+            decode_artifact(tampered, keep_tensors=False)
+        assert str(views.value)[:40] == str(full.value)[:40]  # the same check refused it
