@@ -91,6 +91,7 @@ def make_base_artifact(out: Path, pool: int) -> tuple[Path, dict[str, Any]]:
     from invcoss_core.stats import FeatureStatsRecorder, merge_stats
     from invcoss_core.training.stage import record_statistics, seeded_model
 
+    torch.set_num_threads(1)
     config = build_config("base")
     modalities = ["ct", "mri", "pathology"]
     model = seeded_model(config, "handoff-bench")
@@ -145,10 +146,14 @@ FLOWER_ROLES = {
 
 
 class ProcessPeaks:
-    """Peak resident memory (VmHWM) per Flower process role, over the sessions of the processes started here."""
+    """Peak resident memory (VmHWM) per Flower process role, over the process trees started here.
+
+    A process counts when one of its ancestors is a root registered in `roots` (Flower starts the ServerApp and
+    ClientApp processes through `flower-superexec`, some in sessions of their own, so sessions are not enough).
+    """
 
     def __init__(self) -> None:
-        self.sessions: set[int] = set()
+        self.roots: set[int] = set()
         self.peaks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -163,19 +168,31 @@ class ProcessPeaks:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
+            parents: dict[int, int] = {}
             for entry in Path("/proc").iterdir():
                 if entry.name.isdigit():
-                    self._sample(entry)
+                    try:
+                        parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    except (OSError, ValueError, IndexError):
+                        continue  # the process ended meanwhile
+            for pid in parents:
+                if self._descends(pid, parents):
+                    self._sample(Path("/proc") / str(pid))
+
+    def _descends(self, pid: int, parents: dict[int, int]) -> bool:
+        for _ in range(64):  # bounded walk up the tree
+            if pid in self.roots:
+                return True
+            if pid not in parents or pid <= 1:
+                return False
+            pid = parents[pid]
+        return False
 
     def _sample(self, entry: Path) -> None:
         try:
-            stat = (entry / "stat").read_text()
-            session = int(stat.rsplit(")", 1)[1].split()[3])
-            if session not in self.sessions:
-                return
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             status = (entry / "status").read_text()
-        except (OSError, ValueError, IndexError):
+        except OSError:
             return  # the process ended meanwhile
         role = next((r for name, r in FLOWER_ROLES.items() if name in command), None)
         hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
@@ -246,10 +263,15 @@ def flower_transfer(
     payloads: list[dict[str, Any]],
     repeats: int,
     peaks: ProcessPeaks | None = None,
+    part_mib: int = 0,
+    verify_parent: bool = False,
 ) -> list[dict]:
     """Time each payload through SuperLink → SuperNode (TLS, node auth) with the production codec.
 
-    `peaks`, when given, watches the memory of the Flower processes started here (their sessions).
+    `peaks`, when given, watches the memory of the Flower processes started here (their process trees).
+    `part_mib` > 0 sends files above that size ahead as `train.part` messages, as the coordinator does.
+    `verify_parent` has the ServerApp verify each payload first, as the coordinator verifies a parent: tensors
+    copied out without parts (the coordinator before parts), views of the files with parts (after).
     """
     env = dict(
         os.environ,
@@ -295,7 +317,9 @@ def flower_transfer(
         )
     )
     plan, results = work / "plan.json", work / "results.json"
-    plan.write_text(json.dumps({"payloads": payloads, "repeats": repeats}))
+    plan.write_text(
+        json.dumps({"payloads": payloads, "repeats": repeats, "part_mib": part_mib, "verify_parent": verify_parent})
+    )
     procs: list[subprocess.Popen[bytes]] = []
     log = open(work / "flower.log", "wb")  # noqa: SIM115 - closed in finally
     try:
@@ -325,7 +349,7 @@ def flower_transfer(
             )
         )
         if peaks is not None:
-            peaks.sessions.add(procs[-1].pid)
+            peaks.roots.add(procs[-1].pid)
             peaks.start()
         _wait_healthy(port, paths)
         subprocess.run(
@@ -355,7 +379,7 @@ def flower_transfer(
             )
         )
         if peaks is not None:
-            peaks.sessions.add(procs[-1].pid)
+            peaks.roots.add(procs[-1].pid)
         time.sleep(3)
         subprocess.run(
             [
@@ -403,6 +427,72 @@ def _wait_healthy(port: int, paths: CertificatePaths) -> None:
     raise RuntimeError("SuperLink did not start")
 
 
+def _payloads(folders: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "dir": str(folder), "bytes": sum(len(b) for b in read_artifact_files(folder).values())}
+        for name, folder in folders
+    ]
+
+
+def _rows(
+    paths: CertificatePaths, payloads: list[dict[str, Any]], flower: list[dict], repeats: int
+) -> list[dict[str, Any]]:
+    """Flower's times beside the TLS socket's for the same bytes, per payload."""
+    rows = []
+    for item in payloads:
+        data = read_artifact_files(Path(item["dir"]))
+        blob = b"".join(data[n] for n in sorted(data))
+        del data
+        tls = tls_transfer(paths, blob, repeats)
+        del blob
+        mine = [r for r in flower if r["name"] == item["name"]]
+        fl = [r["seconds"] for r in mine]
+        rows.append(
+            {
+                "payload": item["name"],
+                "bytes": item["bytes"],
+                "intact": all(r.get("intact", False) for r in mine),  # the site's sha256 matched what was sent
+                "errors": [r["error"] for r in mine if "error" in r],
+                "parts": mine[0].get("parts", 0),
+                "flower_s": statistics.median(fl),
+                "tls_s": statistics.median(tls),
+                "ratio": statistics.median(fl) / statistics.median(tls),
+                "flower_all_s": fl,
+                "tls_all_s": tls,
+            }
+        )
+    return rows
+
+
+def run_base(work: Path, paths: CertificatePaths, args: argparse.Namespace) -> dict[str, Any]:
+    """The `--base` comparison: per part size, one fresh federation with its own memory watch."""
+    artifact, base = make_base_artifact(work, args.pool)
+    tiny, _ = make_artifact("tiny", work)  # the fixed per-stage overhead: the same path with a small payload
+    payloads = _payloads([("base artifact", artifact), ("tiny artifact", tiny)])
+    artifact_bytes = payloads[0]["bytes"]
+    runs = []
+    for part_mib in (int(x) for x in args.part_mib.split(",") if x):
+        peaks = ProcessPeaks()
+        flower = flower_transfer(work / f"flower-{part_mib}", paths, payloads, args.repeats, peaks, part_mib, True)
+        memory = peaks.stop()
+        rows = _rows(paths, payloads, flower, args.repeats)
+        big, small = rows
+        overhead = small["flower_s"]
+        runs.append(
+            {
+                "part_mib": part_mib,
+                "transport": rows,
+                "fixed_overhead_s": overhead,
+                "goal_s": 1.5 * big["tls_s"] + overhead,
+                "handoff_vs_goal": big["flower_s"] / (1.5 * big["tls_s"] + overhead),
+                "peak_rss_bytes": memory,
+                "peak_rss_vs_artifact": {role: b / artifact_bytes for role, b in sorted(memory.items())},
+            }
+        )
+        print(json.dumps(runs[-1], indent=2), flush=True)
+    return {"profile": "base", "artifact_bytes": artifact_bytes, "base": base, "runs": runs}
+
+
 def main() -> None:
     """Run the benchmark and print/write the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,65 +502,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/handoff"))
     parser.add_argument("--base", action="store_true", help="a base-sized artifact (no training) and peak memory")
     parser.add_argument("--pool", type=int, default=102, help="--base: synthetic images per modality")
+    parser.add_argument(
+        "--part-mib", default="0,128", help="--base: part sizes to compare, MiB (0: the whole artifact in one message)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-handoff-"))
     try:
         paths = create_certificates(work / "certs")
-        base: dict[str, Any] = {}
         if args.base:
-            artifact, base = make_base_artifact(work, args.pool)
-            tiny, _ = make_artifact("tiny", work)  # the fixed per-stage overhead: the same path with a small payload
-            folders = [("base artifact", artifact), ("tiny artifact", tiny)]
-        else:
-            artifact, sizes = make_artifact(args.profile, work)
-            folders = [("artifact", artifact)]
-        folders += [
-            (f"random {mb} MiB", pad_artifact(work, mb)) for mb in (int(x) for x in args.pad_mb.split(",") if x)
-        ]
-        payloads: list[dict[str, Any]] = [
-            {"name": name, "dir": str(folder), "bytes": sum(len(b) for b in read_artifact_files(folder).values())}
-            for name, folder in folders
-        ]
-        peaks = ProcessPeaks() if args.base else None
-        flower = flower_transfer(work, paths, payloads, args.repeats, peaks)
-        memory = peaks.stop() if peaks is not None else {}
-        rows = []
-        for item in payloads:
-            data = read_artifact_files(Path(item["dir"]))
-            blob = b"".join(data[n] for n in sorted(data))
-            tls = tls_transfer(paths, blob, args.repeats)
-            fl = [r["seconds"] for r in flower if r["name"] == item["name"]]
-            assert all(r["intact"] for r in flower if r["name"] == item["name"])
-            rows.append(
-                {
-                    "payload": item["name"],
-                    "bytes": item["bytes"],
-                    "flower_s": statistics.median(fl),
-                    "tls_s": statistics.median(tls),
-                    "ratio": statistics.median(fl) / statistics.median(tls),
-                    "flower_all_s": fl,
-                    "tls_all_s": tls,
-                }
-            )
-        files = read_artifact_files(artifact)
-        artifact_bytes = sum(len(b) for b in files.values())
-        if args.base:
-            overhead = next(r["flower_s"] for r in rows if r["payload"] == "tiny artifact")
-            big = rows[0]
-            result = {
-                "profile": "base",
-                "transport": rows,
-                "base": base,
-                "artifact_bytes": artifact_bytes,
-                "fixed_overhead_s": overhead,
-                "handoff_vs_goal": big["flower_s"] / (1.5 * big["tls_s"] + overhead),
-                "peak_rss_bytes": memory,
-                "peak_rss_vs_artifact": {role: b / artifact_bytes for role, b in memory.items()},
-            }
+            result = run_base(work, paths, args)
             (args.out / "results.json").write_text(json.dumps(result, indent=2))
             print(json.dumps(result, indent=2))
             return
+        artifact, sizes = make_artifact(args.profile, work)
+        folders = [("artifact", artifact)]
+        folders += [
+            (f"random {mb} MiB", pad_artifact(work, mb)) for mb in (int(x) for x in args.pad_mb.split(",") if x)
+        ]
+        payloads = _payloads(folders)
+        flower = flower_transfer(work / "flower", paths, payloads, args.repeats)
+        rows = _rows(paths, payloads, flower, args.repeats)
+        files = read_artifact_files(artifact)
+        artifact_bytes = sum(len(b) for b in files.values())
         size = {
             **sizes,
             "artifact_bytes": artifact_bytes,
