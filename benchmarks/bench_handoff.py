@@ -12,13 +12,19 @@ Size: the artifact's bytes (weights, statistics, synthetic pool) against the 5 %
 as model inputs (what the `real_buffer` baseline ships, float16) and as the raw image files of 5 % of the data.
 
 `--base`: instead of the trained artifact, a `base`-sized one built without training — the ViT-B encoder and
-decoder weights (seeded initialisation), statistics recorded on one random batch per modality, and full synthetic
+decoder weights (seeded initialisation), statistics recorded on two random samples per modality, and full synthetic
 pools of CT, MRI and pathology at `base` input sizes (`--pool` images each, random values; default 5 % of the
-`base` preset's 2048 samples) — as after a third stage. It reports the bytes per part (and what float16 weights
-would take), and the peak resident memory (VmHWM, sampled every 0.1 s) of every Flower process during the
-hand-off: the SuperLink, the ServerApp (the coordinator's side), the SuperNode and the ClientApp (the site's).
+`base` preset's 2048 samples) — as after a third stage, and the tiny trained artifact for the fixed per-stage
+overhead (the same path with a small payload). For each `--part-mib` size, a fresh SuperLink + SuperNode: the
+ServerApp verifies the payload as the coordinator verifies a parent and sends it with the coordinator's
+`FlowerGrid.send_stage` (0: one message; otherwise files above the size ahead as `train.part` messages); the
+ClientApp stores the parts and decodes the stage message with the site's code. It reports the bytes per part of
+the artifact (and what float16 weights would take), the time against the goal (≤ 1.5 × the TLS socket's + the
+fixed overhead) and the peak resident memory (VmHWM, sampled every 0.1 s) of every Flower process against the
+artifact's bytes: the SuperLink, the ServerApp (the coordinator's side), the SuperNode and the ClientApps (the
+site's). Results: docs/results/handoff/.
 
-    python benchmarks/bench_handoff.py --base --pad-mb "" --repeats 1 --out docs/results/handoff-base
+    python benchmarks/bench_handoff.py --base --repeats 1 --part-mib 0,128,256 --out docs/results/handoff
 """
 
 from __future__ import annotations

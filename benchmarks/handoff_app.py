@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from invcoss_core.artifact import decode_artifact, read_artifact_files
+from invcoss_core.artifact import ArtifactFiles, decode_artifact, file_sizes, read_artifact_files
 from invcoss_core.common.protocol import plan_parts
 from server.codec import FlowerGrid, StageRequest
 from site_client.codec import parse_part_request, parse_stage_request
@@ -48,6 +48,9 @@ def main(grid: Grid, context: Context) -> None:
         if plan.get("verify_parent"):
             parent = decode_artifact(files, keep_tensors=not plan.get("part_mib", 0))
             del parent
+        if plan.get("part_mib", 0):  # as `load_checkpoint_artifact(keep_tensors=False)`: sent from disk
+            del files
+            files = ArtifactFiles(Path(item["dir"]))
         hasher = hashlib.sha256()
         for name in sorted(files):  # incrementally: a joined copy would add the artifact's size to this process
             hasher.update(files[name])
@@ -86,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
                     "name": item["name"],
                     "bytes": item["bytes"],
                     "seconds": elapsed,
-                    "parts": len(plan_parts(files, part_bytes)[1]),
+                    "parts": len(plan_parts(file_sizes(files), part_bytes)[1]),
                     "intact": ack["sha256"] == digest,
                     "client_seconds": float(ack["seconds"]),
                 }

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -467,6 +467,62 @@ def read_artifact_files(path: Path) -> dict[str, bytes]:
             raise ArtifactError(f"{path}: unexpected entry {child.name} in an artifact directory")
         files[child.name] = child.read_bytes()
     return files
+
+
+class ArtifactFiles(Mapping[str, bytes]):
+    """An artifact directory's files, read from disk when asked, whole or a slice at a time.
+
+    What a holder that only forwards an artifact needs (the coordinator sending a verified parent in parts): it never
+    holds more than the slice it sends. The names and sizes are taken when it is made; the receiver verifies
+    signature and hashes of what arrives, so a file changed on disk afterwards is refused there.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Raises: ArtifactError when the path is not an artifact directory."""
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise ArtifactError(f"{self.path} is not an artifact directory ({MANIFEST} not found)")
+        self.sizes = {
+            child.name: child.stat().st_size
+            for child in sorted(self.path.iterdir())
+            if not child.name.startswith(".") and child.is_file()
+        }
+
+    def __getitem__(self, name: str) -> bytes:
+        if name not in self.sizes:
+            raise KeyError(name)
+        return (self.path / name).read_bytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """`length` bytes of file `name` from `offset`.
+
+        Raises:
+            ArtifactError: when the file is shorter than that now.
+        """
+        with open(self.path / name, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise ArtifactError(f"{self.path / name} changed on disk while it was being sent")
+        return data
+
+
+def file_sizes(files: Mapping[str, bytes]) -> dict[str, int]:
+    """Bytes per file, without reading an `ArtifactFiles` from disk."""
+    return dict(files.sizes) if isinstance(files, ArtifactFiles) else {n: len(b) for n, b in files.items()}
+
+
+def file_slice(files: Mapping[str, bytes], name: str, offset: int, length: int) -> bytes:
+    """A slice of one file (from disk for an `ArtifactFiles`, else a copy of just that slice)."""
+    if isinstance(files, ArtifactFiles):
+        return files.read(name, offset, length)
+    return bytes(memoryview(files[name])[offset : offset + length])
 
 
 def read_artifact_dir(path: Path, *, public_key: PublicKey | None = None, require_signature: bool = False) -> Artifact:

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from invcoss_core.artifact import file_sizes, file_slice
 from invcoss_core.common.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
@@ -157,7 +158,8 @@ def build_part_messages(
     request: StageRequest, parent_files: Mapping[str, bytes], node_id: int, ttl: float, part_bytes: int
 ) -> Iterator[Message]:
     """The messages of one stage attempt, in sending order: `train.part` messages for the files above
-    `part_bytes`, then the `train.stage` message naming them.
+    `part_bytes`, then the `train.stage` message naming them. `parent_files` may be an `ArtifactFiles` (read from
+    disk a slice at a time).
 
     Each message is built only when the iterator reaches it, so that one slice at a time is copied into Flower
     records, and so that the stage message is created last: the SuperLink hands a node its messages in the order of
@@ -167,18 +169,19 @@ def build_part_messages(
     Raises:
         ValueError: for a part size below 1 byte.
     """
-    inline, slices = plan_parts(parent_files, part_bytes)
+    sizes = file_sizes(parent_files)
+    inline, slices = plan_parts(sizes, part_bytes)
     transfer = secrets.token_hex(16) if slices else ""
-    parted = {name: len(parent_files[name]) for name, _, _ in slices}
+    parted = {name: sizes[name] for name, _, _ in slices}
     for index, (name, offset, length) in enumerate(slices):
-        data = bytes(memoryview(parent_files[name])[offset : offset + length])
+        data = file_slice(parent_files, name, offset, length)
         part = PartRequest(
             run_id=request.run_id,
             stage_index=request.stage_index,
             transfer=transfer,
             file=name,
             offset=offset,
-            size=len(parent_files[name]),
+            size=sizes[name],
             index=index,
             count=len(slices),
         )
@@ -192,7 +195,7 @@ def build_part_messages(
             group_id=f"{request.run_id}/stage-{request.stage_index}/part-{index}",
             ttl=ttl,
         )
-    yield build_stage_message(request, inline, node_id, ttl, transfer, parted)
+    yield build_stage_message(request, {n: parent_files[n] for n in inline}, node_id, ttl, transfer, parted)
 
 
 def parse_stage_reply(message: Message) -> StageReply:

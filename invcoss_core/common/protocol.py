@@ -520,25 +520,25 @@ class PartRequest:
     data: bytes = b""
 
 
-def plan_parts(files: Mapping[str, bytes], part_bytes: int) -> tuple[dict[str, bytes], list[tuple[str, int, int]]]:
+def plan_parts(sizes: Mapping[str, int], part_bytes: int) -> tuple[list[str], list[tuple[str, int, int]]]:
     """Split an artifact into files sent inline and slices sent ahead as parts.
 
     Args:
-        files: file name -> bytes.
+        sizes: file name -> bytes.
         part_bytes: largest slice; files of at most this size stay inline.
     Returns:
-        (inline files, [(file name, offset, length)] in sending order).
+        (names of the inline files, [(file name, offset, length)] in sending order).
     Raises:
         ValueError: for a part size below 1 byte.
     """
     if part_bytes < 1:
         raise ValueError(f"part size must be at least 1 byte, not {part_bytes}")
-    inline: dict[str, bytes] = {}
+    inline: list[str] = []
     slices: list[tuple[str, int, int]] = []
-    for name in sorted(files):
-        size = len(files[name])
+    for name in sorted(sizes):
+        size = sizes[name]
         if size <= part_bytes:
-            inline[name] = files[name]
+            inline.append(name)
             continue
         slices.extend((name, offset, min(part_bytes, size - offset)) for offset in range(0, size, part_bytes))
     return inline, slices

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 import server.codec as coordinator
 import site_client.codec as site
-from invcoss_core.artifact import decode_artifact
+from invcoss_core.artifact import ArtifactFiles, decode_artifact, write_artifact_dir
 from site_client.parts import store_part
 from tests.server.conftest import Keys, make_artifact
 
@@ -163,13 +163,16 @@ def _send_parts(messages: list[Message], incoming: Path) -> None:
         store_part(incoming, site.parse_part_request(message))
 
 
+@pytest.mark.parametrize("from_disk", [False, True])
 def test_a_big_artifact_travels_as_parts_ahead_of_its_stage_message_and_reassembles_exactly(
-    keys: Keys, tmp_path: Path
+    keys: Keys, tmp_path: Path, from_disk: bool
 ) -> None:
     files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
     sha = decode_artifact(files).sha256
     part_bytes = 4096
-    *parts, message = coordinator.build_part_messages(_request(sha), files, node_id=7, ttl=900, part_bytes=part_bytes)
+    source = ArtifactFiles(write_artifact_dir(files, tmp_path / "checkpoint")) if from_disk else files
+    tmp_path = tmp_path / "incoming"
+    *parts, message = coordinator.build_part_messages(_request(sha), source, node_id=7, ttl=900, part_bytes=part_bytes)
     assert message.metadata.message_type == "train.stage"
     assert all(p.metadata.created_at < message.metadata.created_at for p in parts)  # delivered in creation order
     big = {n: len(b) for n, b in files.items() if len(b) > part_bytes}
