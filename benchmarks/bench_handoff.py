@@ -509,7 +509,9 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="a base-sized artifact (no training) and peak memory")
     parser.add_argument("--pool", type=int, default=102, help="--base: synthetic images per modality")
     parser.add_argument(
-        "--part-mib", default="0,128", help="--base: part sizes to compare, MiB (0: the whole artifact in one message)"
+        "--part-mib",
+        default="0,128,256",
+        help="--base: part sizes to compare, MiB (0: the whole artifact in one message)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

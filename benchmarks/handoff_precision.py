@@ -7,8 +7,8 @@ weights in float16 and in bfloat16 (`encode_artifact(weights_dtype=...)`, everyt
 trains MRI from each, with the same seed. Reported per dtype: the weights file's bytes, the largest relative
 round-trip error of a weight tensor, and after stage 2 the held-out masked-reconstruction loss on MRI (the
 model's own decoder) and on CT (the stage-2 encoder with stage 1's float32 CT decoder: `own_decoder_loss`), with
-masks fixed per modality. `--epochs` and the inversion budget below are shorter than the profile's for time
-(labelled in the output).
+masks fixed per modality. `--epochs`, the inversion budget and the pool size are smaller than the profile's, for
+time (recorded in the output as `short_run`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _held_out(samples: Path, modality: str, config: Any) -> torch.Tensor:
     data = load_site_dataset(samples / modality, modality, config.model.spec(modality), config.data, split="val")
-    return torch.stack([data[i] for i in range(len(data))])
+    return data.tensors()
 
 
 def main() -> None:
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--profile", default="small")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per stage (the small profile has 20)")
     parser.add_argument("--inversion-iterations", type=int, default=120, help="the small profile has 600 (+60)")
+    parser.add_argument("--images", type=int, default=64, help="synthetic images per stage (default: 5 %% of data)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/handoff-precision"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -50,6 +51,7 @@ def main() -> None:
         "replay": {"strategy": "inversion"},
         "train": {"epochs": args.epochs},
         "inversion": {
+            "num_images": args.images,
             "iterations": args.inversion_iterations,
             "iterations_per_batch": max(1, args.inversion_iterations // 10),
         },
@@ -114,7 +116,11 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     result = {
         "profile": args.profile,
-        "short_run": {"epochs": args.epochs, "inversion_iterations": args.inversion_iterations},
+        "short_run": {
+            "epochs": args.epochs,
+            "inversion_iterations": args.inversion_iterations,
+            "synthetic_images": args.images,
+        },
         "seconds": time.perf_counter() - started,
         "rows": rows,
     }

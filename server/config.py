@@ -72,7 +72,7 @@ class SuperLinkSettings(_Frozen):
     startup_timeout_s: float = Field(60.0, gt=0)
     # Artifact files above this size travel ahead of their stage message as `train.part` messages of at most this
     # size: Flower holds a message whole, several times over, in every process it passes (docs/results/handoff).
-    artifact_part_mib: float = Field(128.0, gt=0)
+    artifact_part_mib: float = Field(256.0, gt=0)
 
     @property
     def part_bytes(self) -> int:
