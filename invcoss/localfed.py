@@ -123,6 +123,7 @@ class LocalFederation:
     profile: str = "tiny"
     defaults: Mapping[str, Any] = field(default_factory=dict)  # StageConfig overrides for every stage
     retry: Mapping[str, Any] = field(default_factory=dict)  # federation.toml [retry]
+    superlink: Mapping[str, Any] = field(default_factory=dict)  # federation.toml [superlink] beyond host/port/certs
     activation_wait_s: float = 120.0
     metrics: bool = True
     stages: list[dict[str, Any]] | None = None  # federation.toml [[stages]]; None: one stage per site, in order
@@ -173,7 +174,12 @@ class LocalFederation:
             "state_dir": "state",
             "profile": self.profile,
             "defaults": dict(self.defaults),
-            "superlink": {"host": "127.0.0.1", "port": self.ports["superlink"], "certs_dir": "certs"},
+            "superlink": {
+                "host": "127.0.0.1",
+                "port": self.ports["superlink"],
+                "certs_dir": "certs",
+                **dict(self.superlink),
+            },
             "retry": {"backoff_s": 2.0, "node_wait_s": 180.0, "poll_interval_s": 1.0, **dict(self.retry)},
             "metrics": {"enabled": self.metrics, "host": "127.0.0.1", "port": self.ports["coordinator_metrics"]},
             "stages": self.stages or [{"site": s.name, "modality": s.modality} for s in self.sites],

@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from invcoss_core.common.signing import PublicKey, verify_bytes
-from invcoss_core.config import ModelConfig
+from invcoss_core.config import ModelConfig, WeightsDtype
 from invcoss_core.privacy.report import PrivacyReport
 
 FORMAT_VERSION = 1
@@ -39,6 +41,11 @@ REAL_BUFFER = "real_buffer.safetensors"  # MedCoSS baseline only: real images, n
 _SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}\.safetensors$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_FILE_BYTES = 8 << 30
+_WEIGHT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 class ArtifactError(ValueError):
@@ -94,6 +101,7 @@ class Manifest(_Frozen):
     contains_real_data: bool = False  # True only for the local real_buffer baseline
     metrics: dict[str, float] = Field(default_factory=dict)  # stage summary numbers (no patient data)
     precision: Literal["float32", "bfloat16"] | None = None  # the stage's training precision; None: not recorded
+    weights_dtype: WeightsDtype = "float32"  # floating weights as stored in weights.safetensors (hand-off size)
     privacy: PrivacyReport | None = None  # the site's membership-inference audit and policy decision (figures only)
 
     @field_validator("parent_sha256")
@@ -163,6 +171,7 @@ def encode_artifact(
     privacy: PrivacyReport | None = None,
     created_at: str | None = None,
     precision: Literal["float32", "bfloat16"] | None = None,
+    weights_dtype: WeightsDtype = "float32",
 ) -> dict[str, bytes]:
     """Serialise an artifact into its files (name -> bytes).
 
@@ -171,14 +180,20 @@ def encode_artifact(
         extras: name -> tensors, written as `<name>.safetensors` (e.g. EWC Fisher, the real buffer).
         signer: signs manifest.json's bytes (the site's private key); None leaves the artifact unsigned.
         precision: what the stage trained in ("bfloat16" autocast on a GPU, "float32"); None: not recorded.
+        weights_dtype: the dtype floating weights are stored in; "float16"/"bfloat16" halve the weights' bytes
+            (a receiver loads them into its float32 model). Recorded in the manifest.
     Returns:
         {file name: bytes}, including manifest.json and (when signed) manifest.sig.
     Raises:
         ArtifactError: for non-finite weights or a synthetic pool of the wrong rank.
     """
-    for name, tensor in weights.items():
+    dtype = _WEIGHT_DTYPES[weights_dtype]
+    stored = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    for name, tensor in stored.items():  # after the cast: float16 overflows to inf above 65504
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"weight {name} holds NaN or inf; refusing to hand off a broken model")
+            raise ArtifactError(
+                f"weight {name} holds NaN or inf (as {weights_dtype}); refusing to hand off a broken model"
+            )
     pools: dict[str, torch.Tensor] = {}
     for modality, images in synthetic.items():
         spec = architecture.spec(modality)
@@ -188,7 +203,7 @@ def encode_artifact(
             )
         pools[modality] = images.to(torch.float16)
     files: dict[str, bytes] = {
-        WEIGHTS: _tensor_file(weights),
+        WEIGHTS: _tensor_file(stored),
         STATS: _tensor_file(stats),
         SYNTHETIC: _tensor_file(pools),
     }
@@ -213,6 +228,7 @@ def encode_artifact(
         contains_real_data=contains_real,
         metrics=dict(metrics or {}),
         precision=precision,
+        weights_dtype=weights_dtype,
         privacy=privacy,
     )
     manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
@@ -229,12 +245,67 @@ def _load_tensors(name: str, data: bytes) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{name} is not a valid safetensors file: {err}") from None
 
 
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """`torch.isfinite(tensor).all()` a few million elements at a time: on a whole `base` pool its temporaries
+    (absolute value, comparisons) took 440 MB beside the pool itself."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _tensor_views(name: str, data: bytes) -> dict[str, torch.Tensor]:
+    """Read-only tensors that share `data`'s memory (no copy): for checks whose tensors never leave this module.
+
+    Raises:
+        ArtifactError: for a file that is not safetensors of a known dtype with in-bounds offsets.
+    """
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        start = 8 + header_len
+        views: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": these views are only read
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = [int(d) for d in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+                count = math.prod(shape)
+                if not 0 <= begin <= end <= len(data) - start or end - begin != count * dtype.itemsize:
+                    raise ValueError(f"tensor {key} lies outside the file or has the wrong size")
+                flat = (
+                    torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
+                    if count
+                    else torch.empty(0, dtype=dtype)
+                )
+                views[key] = flat.view(shape)
+        return views
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise ArtifactError(f"{name} is not a valid safetensors file: {err}") from None
+
+
 def decode_artifact(
     files: Mapping[str, bytes],
     *,
     public_key: PublicKey | None = None,
     require_signature: bool = False,
     source: str = "artifact",
+    keep_tensors: bool = True,
 ) -> Artifact:
     """Verify and parse an artifact's files.
 
@@ -246,6 +317,9 @@ def decode_artifact(
         public_key: the sending site's enrolled key; the signature must verify against it.
         require_signature: refuse an unsigned artifact even when no key is given.
         source: used in error messages (a path or a message id).
+        keep_tensors: False checks the same things on views of `files` and returns the artifact without its
+            tensors (empty weights, stats, synthetic and extras): what a holder that only forwards the files needs,
+            at no memory beyond the files (a copy of every tensor doubled the coordinator's peak at `base`).
     Raises:
         ArtifactError: naming what failed.
     """
@@ -281,11 +355,16 @@ def decode_artifact(
                 f"(the manifest claims site {manifest.site!r}): forged, modified, or signed by another site"
             )
         signed = True
-    weights = _load_tensors(WEIGHTS, files[WEIGHTS])
+    load = _load_tensors if keep_tensors else _tensor_views
+    weights = load(WEIGHTS, files[WEIGHTS])
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise ArtifactError(f"{source}: weight {name} holds NaN or inf")
-    synthetic = _load_tensors(SYNTHETIC, files[SYNTHETIC])
+        if tensor.is_floating_point() and tensor.dtype != _WEIGHT_DTYPES[manifest.weights_dtype]:
+            raise ArtifactError(
+                f"{source}: weight {name} is {tensor.dtype}, the manifest says {manifest.weights_dtype}"
+            )
+    synthetic = load(SYNTHETIC, files[SYNTHETIC])
     if {m: int(t.shape[0]) for m, t in synthetic.items()} != manifest.synthetic:
         raise ArtifactError(f"{source}: synthetic pool counts differ from the manifest")
     for modality, images in synthetic.items():
@@ -294,17 +373,20 @@ def decode_artifact(
             raise ArtifactError(
                 f"{source}: synthetic pool {modality} has dtype/shape {images.dtype}/{tuple(images.shape)}"
             )
-        if not bool(torch.isfinite(images).all()):
+        if not _all_finite(images):
             raise ArtifactError(f"{source}: synthetic pool {modality} holds NaN or inf")
     extras = {
-        name[: -len(".safetensors")]: _load_tensors(name, files[name])
+        name[: -len(".safetensors")]: load(name, files[name])
         for name in manifest.files
         if name not in (WEIGHTS, STATS, SYNTHETIC)
     }
+    stats = load(STATS, files[STATS])
+    if not keep_tensors:
+        weights, stats, synthetic, extras = {}, {}, {}, {}
     return Artifact(
         manifest=manifest,
         weights=weights,
-        stats=_load_tensors(STATS, files[STATS]),
+        stats=stats,
         synthetic=synthetic,
         extras=extras,
         manifest_bytes=manifest_bytes,
@@ -392,6 +474,62 @@ def read_artifact_files(path: Path) -> dict[str, bytes]:
             raise ArtifactError(f"{path}: unexpected entry {child.name} in an artifact directory")
         files[child.name] = child.read_bytes()
     return files
+
+
+class ArtifactFiles(Mapping[str, bytes]):
+    """An artifact directory's files, read from disk when asked, whole or a slice at a time.
+
+    What a holder that only forwards an artifact needs (the coordinator sending a verified parent in parts): it never
+    holds more than the slice it sends. The names and sizes are taken when it is made; the receiver verifies
+    signature and hashes of what arrives, so a file changed on disk afterwards is refused there.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Raises: ArtifactError when the path is not an artifact directory."""
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise ArtifactError(f"{self.path} is not an artifact directory ({MANIFEST} not found)")
+        self.sizes = {
+            child.name: child.stat().st_size
+            for child in sorted(self.path.iterdir())
+            if not child.name.startswith(".") and child.is_file()
+        }
+
+    def __getitem__(self, name: str) -> bytes:
+        if name not in self.sizes:
+            raise KeyError(name)
+        return (self.path / name).read_bytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """`length` bytes of file `name` from `offset`.
+
+        Raises:
+            ArtifactError: when the file is shorter than that now.
+        """
+        with open(self.path / name, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise ArtifactError(f"{self.path / name} changed on disk while it was being sent")
+        return data
+
+
+def file_sizes(files: Mapping[str, bytes]) -> dict[str, int]:
+    """Bytes per file, without reading an `ArtifactFiles` from disk."""
+    return dict(files.sizes) if isinstance(files, ArtifactFiles) else {n: len(b) for n, b in files.items()}
+
+
+def file_slice(files: Mapping[str, bytes], name: str, offset: int, length: int) -> bytes:
+    """A slice of one file (from disk for an `ArtifactFiles`, else a copy of just that slice)."""
+    if isinstance(files, ArtifactFiles):
+        return files.read(name, offset, length)
+    return bytes(memoryview(files[name])[offset : offset + length])
 
 
 def read_artifact_dir(path: Path, *, public_key: PublicKey | None = None, require_signature: bool = False) -> Artifact:

@@ -14,6 +14,7 @@ MODALITIES: tuple[str, ...] = ("ct", "mri", "pathology", "xray")
 ProfileName = Literal["tiny", "small", "base"]
 ReplayName = Literal["none", "real_buffer", "ewc", "inversion", "pixel_inversion"]
 PROFILES: tuple[str, ...] = ("tiny", "small", "base")
+WeightsDtype = Literal["float32", "float16", "bfloat16"]  # how a hand-off stores its floating weights
 _ATOMIC_KEYS = ("modalities",)  # an override's `model.modalities` replaces the preset's set, it does not add to it
 
 
@@ -241,6 +242,10 @@ class StageConfig(_Frozen):
     # Data-parallel training processes at the site (torch.distributed): one per GPU with NCCL, or CPU processes
     # with gloo; train.batch_size is the global batch and must divide by it. Site-local: site.toml `[stage]`.
     devices: int = Field(1, gt=0)
+    # The dtype of the weights in this stage's hand-off artifact (recorded in its manifest): "float16" or
+    # "bfloat16" halve weights.safetensors; the next stage loads them into its float32 model. Synthetic pools are
+    # float16 in every case. Measured in docs/results/handoff.
+    handoff_weights: WeightsDtype = "float32"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig())

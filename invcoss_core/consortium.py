@@ -378,5 +378,6 @@ def consortium_artifact(
         metrics={**dict(metrics or {}), **outcome_metrics},
         signer=signer,
         privacy=privacy,
+        weights_dtype=config.handoff_weights,
         precision=training_precision(device, config.train.amp),
     )

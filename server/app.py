@@ -51,5 +51,5 @@ def main(grid: Grid, context: Context) -> None:
     _configure_logging(layout)
     config = FederationConfig.model_validate_json(layout.plan_file.read_text())
     emit_event(layout.events, "serverapp_started", serverapp_pid=os.getpid(), flower_run_id=int(context.run_id))
-    state = PlanRunner(config, layout, FlowerGrid(grid)).run()
+    state = PlanRunner(config, layout, FlowerGrid(grid, part_bytes=config.superlink.part_bytes)).run()
     emit_event(layout.events, "serverapp_finished", status=state.status)

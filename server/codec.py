@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Iterable, Mapping
+import secrets
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from invcoss_core.artifact import file_sizes, file_slice
 from invcoss_core.common.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
     METRICS_RECORD,
+    PART_BYTES,
+    PART_MESSAGE,
+    PART_RECORD,
     PAYLOAD_RECORD,
     PROTOCOL_VERSION,
     QUERY_MESSAGE,
@@ -32,6 +38,7 @@ from invcoss_core.common.protocol import (
     STAGE_RECORD,
     STEP_MESSAGES,
     STEP_RECORD,
+    PartRequest,
     ProtocolError,
     StageReply,
     StageRequest,
@@ -41,6 +48,9 @@ from invcoss_core.common.protocol import (
     check_payload_names,
     parse_reply,
     parse_step_result,
+    part_fields,
+    parted_fields,
+    plan_parts,
     stage_fields,
     step_fields,
 )
@@ -61,6 +71,7 @@ __all__ = [
     "Received",
     "StageReply",
     "StageRequest",
+    "build_part_messages",
     "build_stage_message",
     "build_step_message",
     "describe_nodes",
@@ -117,11 +128,23 @@ def record_to_files(record: ArrayRecord) -> dict[str, bytes]:
     return files
 
 
-def build_stage_message(request: StageRequest, parent_files: Mapping[str, bytes], node_id: int, ttl: float) -> Message:
-    """The `train.stage` message of one stage attempt (`parent_files`: the verified parent artifact)."""
-    content = RecordDict(
-        {ARTIFACT_RECORD: files_to_record(parent_files), STAGE_RECORD: ConfigRecord(stage_fields(request))}
-    )
+def build_stage_message(
+    request: StageRequest,
+    parent_files: Mapping[str, bytes],
+    node_id: int,
+    ttl: float,
+    transfer: str = "",
+    parted: Mapping[str, int] | None = None,
+) -> Message:
+    """The `train.stage` message of one stage attempt.
+
+    Args:
+        parent_files: the verified parent artifact's files that travel in this message.
+        transfer: the id of the `train.part` messages that carried the other files ahead ("" for none).
+        parted: name -> bytes of the files that travelled as parts.
+    """
+    fields = {**stage_fields(request), **parted_fields(transfer, parted or {})}
+    content = RecordDict({ARTIFACT_RECORD: files_to_record(parent_files), STAGE_RECORD: ConfigRecord(fields)})
     return Message(
         content,
         dst_node_id=node_id,
@@ -129,6 +152,50 @@ def build_stage_message(request: StageRequest, parent_files: Mapping[str, bytes]
         group_id=f"{request.run_id}/stage-{request.stage_index}",
         ttl=ttl,
     )
+
+
+def build_part_messages(
+    request: StageRequest, parent_files: Mapping[str, bytes], node_id: int, ttl: float, part_bytes: int
+) -> Iterator[Message]:
+    """The messages of one stage attempt, in sending order: `train.part` messages for the files above
+    `part_bytes`, then the `train.stage` message naming them. `parent_files` may be an `ArtifactFiles` (read from
+    disk a slice at a time).
+
+    Each message is built only when the iterator reaches it, so that one slice at a time is copied into Flower
+    records, and so that the stage message is created last: the SuperLink hands a node its messages in the order of
+    their creation time (`created_at`, set when the Message is built), and the site reads the parts when the stage
+    message arrives. Push each message as it comes.
+
+    Raises:
+        ValueError: for a part size below 1 byte.
+    """
+    sizes = file_sizes(parent_files)
+    inline, slices = plan_parts(sizes, part_bytes)
+    transfer = secrets.token_hex(16) if slices else ""
+    parted = {name: sizes[name] for name, _, _ in slices}
+    for index, (name, offset, length) in enumerate(slices):
+        data = file_slice(parent_files, name, offset, length)
+        part = PartRequest(
+            run_id=request.run_id,
+            stage_index=request.stage_index,
+            transfer=transfer,
+            file=name,
+            offset=offset,
+            size=sizes[name],
+            index=index,
+            count=len(slices),
+        )
+        record = ArrayRecord()
+        record[name] = Array(dtype="uint8", shape=(length,), stype=FILE_STYPE, data=data)
+        del data
+        yield Message(
+            RecordDict({ARTIFACT_RECORD: record, PART_RECORD: ConfigRecord(part_fields(part))}),
+            dst_node_id=node_id,
+            message_type=PART_MESSAGE,
+            group_id=f"{request.run_id}/stage-{request.stage_index}/part-{index}",
+            ttl=ttl,
+        )
+    yield build_stage_message(request, {n: parent_files[n] for n in inline}, node_id, ttl, transfer, parted)
 
 
 def parse_stage_reply(message: Message) -> StageReply:
@@ -243,8 +310,10 @@ def _received(message: Message) -> Received:
 class FlowerGrid:
     """The coordinator's view of the Flower Grid: nodes, push a stage, pull replies (no Flower types leak out)."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, part_bytes: int = PART_BYTES) -> None:
         self._grid = grid
+        self._part_bytes = part_bytes
+        self._parts_in_flight: set[str] = set()  # part acknowledgements not pulled yet
 
     def nodes(self) -> list[NodeView]:
         """Every SuperNode the SuperLink knows, with its enrollment name and liveness."""
@@ -265,11 +334,16 @@ class FlowerGrid:
         Raises:
             ProtocolError: when the SuperLink did not accept the message.
         """
-        message = build_stage_message(request, parent_files, node_id, ttl)
-        ids = list(self._grid.push_messages([message]))
-        if not ids or not ids[0]:
-            raise ProtocolError(f"the SuperLink refused the stage {request.stage_index} message")
-        return str(ids[0])
+        part_ids: list[str] = []
+        for message in build_part_messages(request, parent_files, node_id, ttl, self._part_bytes):
+            ids = list(self._grid.push_messages([message]))
+            if not ids or not ids[0]:
+                what = "message" if message.metadata.message_type == STAGE_MESSAGE else f"artifact part {len(part_ids)}"
+                raise ProtocolError(f"the SuperLink refused the stage {request.stage_index} {what}")
+            part_ids.append(str(ids[0]))
+            del message  # one slice held at a time
+        self._parts_in_flight.update(part_ids[:-1])
+        return part_ids[-1]
 
     def send_step(self, node_id: int, request: StepRequest, ttl: float) -> str:
         """Push one consortium step request; returns its message id.
@@ -283,10 +357,27 @@ class FlowerGrid:
         return str(ids[0])
 
     def receive(self, message_ids: Collection[str]) -> list[Received]:
-        """Replies that arrived for any of `message_ids` (non-blocking)."""
-        if not message_ids:
+        """Replies that arrived for any of `message_ids` (non-blocking).
+
+        Part acknowledgements are collected on the way and only logged: a part that did not arrive makes the
+        stage message's reply a refusal naming the missing file, which the plan's retries already handle.
+        """
+        try:
+            if self._parts_in_flight:
+                for ack in self._grid.pull_messages(list(self._parts_in_flight)):
+                    self._parts_in_flight.discard(str(ack.metadata.reply_to_message_id))
+                    if ack.has_error():
+                        logger.warning("an artifact part was not delivered: Flower error %s", ack.error.code)
+            if not message_ids:
+                return []
+            return [_received(m) for m in self._grid.pull_messages(list(message_ids))]
+        except httpx.HTTPStatusError as err:
+            # Measured at `base`: while a big message's objects are written, the SuperLink's SQLite store can
+            # answer "database is locked" (HTTP 500); the replies are still there at the next poll.
+            if err.response.status_code < 500:
+                raise
+            logger.warning("the SuperLink could not answer a poll (HTTP %d); polling again", err.response.status_code)
             return []
-        return [_received(m) for m in self._grid.pull_messages(list(message_ids))]
 
 
 def describe_nodes(nodes: Iterable[NodeView]) -> str:

@@ -6,7 +6,7 @@ Layout (paths are relative to the TOML file's folder)::
     state_dir = "state"           # durable run state, checkpoints, SuperLink database, logs
     profile = "tiny"              # model/training preset shared by every stage
     [defaults]                    # StageConfig overrides for every stage, e.g. replay = { strategy = "inversion" }
-    [superlink]                   # host, port, address, certs_dir, node_auth, restart_limit
+    [superlink]                   # host, port, address, certs_dir, node_auth, restart_limit, artifact_part_mib
     [retry]                       # max_attempts, backoff_s, backoff_factor, stage_timeout_s, message_ttl_s, ...
     [metrics]                     # enabled, host, port
     [[stages]]                    # in order: site, optional modality, optional per-stage overrides
@@ -70,6 +70,14 @@ class SuperLinkSettings(_Frozen):
     node_auth: bool = True  # only enrolled site keys may connect
     restart_limit: int = Field(3, ge=0)  # restarts of a crashed SuperLink before the coordinator gives up
     startup_timeout_s: float = Field(60.0, gt=0)
+    # Artifact files above this size travel ahead of their stage message as `train.part` messages of at most this
+    # size: Flower holds a message whole, several times over, in every process it passes (docs/results/handoff).
+    artifact_part_mib: float = Field(256.0, gt=0)
+
+    @property
+    def part_bytes(self) -> int:
+        """`artifact_part_mib` in bytes (at least one)."""
+        return max(1, int(self.artifact_part_mib * (1 << 20)))
 
     @property
     def dial_address(self) -> str:

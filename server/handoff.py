@@ -15,7 +15,14 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from invcoss_core.artifact import Artifact, ArtifactError, check_lineage, decode_artifact, read_artifact_files
+from invcoss_core.artifact import (
+    Artifact,
+    ArtifactError,
+    ArtifactFiles,
+    check_lineage,
+    decode_artifact,
+    read_artifact_files,
+)
 from invcoss_core.common.signing import (
     PublicKey,
     SigningKeyError,
@@ -102,10 +109,14 @@ def verify_stage_artifact(
 
 
 def load_checkpoint_artifact(
-    layout: StateLayout, index: int, site: str, sha256: str | None
-) -> tuple[Artifact, dict[str, bytes]]:
+    layout: StateLayout, index: int, site: str, sha256: str | None, keep_tensors: bool = True
+) -> tuple[Artifact, Mapping[str, bytes]]:
     """Re-read and re-verify a persisted stage artifact (the parent of the next stage).
 
+    Args:
+        keep_tensors: False when the coordinator only forwards the files: the artifact comes without tensors
+            (see `decode_artifact`) and the files as an `ArtifactFiles`, read from disk a slice at a time when
+            sent, so that after the check nothing of the artifact stays in memory.
     Returns:
         The verified artifact and its raw files (what is forwarded to the next site).
     Raises:
@@ -114,10 +125,23 @@ def load_checkpoint_artifact(
     """
     path = layout.checkpoint(index)
     files = read_artifact_files(path)
-    artifact = decode_artifact(files, public_key=enrolled_key(layout, site), require_signature=True, source=str(path))
+    artifact = decode_artifact(
+        files,
+        public_key=enrolled_key(layout, site),
+        require_signature=True,
+        source=str(path),
+        keep_tensors=keep_tensors,
+    )
     if sha256 is not None and artifact.sha256 != sha256:
         raise ArtifactError(f"{path} is not the artifact recorded for stage {index} (sha256 differs)")
-    return artifact, files
+    if keep_tensors:
+        return artifact, files
+    sizes = {name: len(data) for name, data in files.items()}
+    del files
+    on_disk = ArtifactFiles(path)
+    if on_disk.sizes != sizes:
+        raise ArtifactError(f"{path} changed on disk while it was being verified")
+    return artifact, on_disk
 
 
 def publish_final_model(layout: StateLayout, last_checkpoint: Path, card: Mapping[str, object]) -> Path:

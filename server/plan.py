@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from invcoss_core.artifact import Artifact, ArtifactError, write_artifact_dir
+from invcoss_core.artifact import Artifact, ArtifactError, file_sizes, write_artifact_dir
 from invcoss_core.common.eventlog import emit_event
 from invcoss_core.common.protocol import ProtocolError, StageReply, StageRequest, StepRequest, payload_bytes
 from invcoss_core.common.signing import public_key_openssh
@@ -75,7 +75,7 @@ class Parent:
     """The artifact a stage starts from."""
 
     artifact: Artifact | None
-    files: dict[str, bytes]
+    files: Mapping[str, bytes]  # in memory, or an `ArtifactFiles` read from disk when sent (one-site stages)
     public_key: str | None  # producing site's enrolled OpenSSH key
 
 
@@ -124,7 +124,9 @@ class PlanRunner:
         if index == 1:
             return Parent(None, {}, None)
         prev = state.stage(index - 1)
-        artifact, files = load_checkpoint_artifact(self.layout, index - 1, prev.site, prev.artifact_sha256)
+        # A one-site stage only forwards the parent's files; a consortium stage averages from its weights.
+        keep = self.config.stages[index - 1].is_consortium
+        artifact, files = load_checkpoint_artifact(self.layout, index - 1, prev.site, prev.artifact_sha256, keep)
         key = public_key_openssh(enrolled_key(self.layout, prev.site)).decode()
         return Parent(artifact, files, key)
 
@@ -190,7 +192,7 @@ class PlanRunner:
         except ProtocolError as err:
             raise AttemptFailedError(str(err)) from None
         outstanding[message_id] = attempt
-        bytes_out = payload_bytes(parent.files)
+        bytes_out = sum(file_sizes(parent.files).values())
 
         def mark_running(current: RunState) -> RunState:
             stage = current.stage(record.index)

@@ -27,10 +27,12 @@ from invcoss_core.training import StageError
 from site_client.audit import AUDIT_FILE, AuditLog, privacy_fields
 from site_client.codec import (
     OutboundMessage,
+    build_part_reply,
     build_site_reply,
     build_stage_reply,
     build_step_reply,
     message_id,
+    parse_part_request,
     parse_stage_request,
     parse_step_request,
     request_bytes,
@@ -38,12 +40,14 @@ from site_client.codec import (
 from site_client.config import SiteConfig, load_site_config
 from site_client.consortium import run_site_step
 from site_client.metrics import SiteEvents
+from site_client.parts import discard_other_transfers, store_part
 from site_client.runner import RefusedError, run_site_stage
 
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"
 EVENTS_FILE = "events.jsonl"
+INCOMING_DIR = "incoming"  # under the site's work dir: artifact parts until their stage message arrives
 
 app = ClientApp()
 ABANDONED_EXIT_CODE = 75  # the stage process stopped itself: its site supervisor is gone (EX_TEMPFAIL)
@@ -88,6 +92,29 @@ def site_info(msg: Message, context: Context) -> Message:
     return _send(cfg, events, build_site_reply(msg, cfg.site, cfg.modality))
 
 
+@app.train("part")
+def artifact_part(msg: Message, context: Context) -> Message:
+    """Store one slice of a big parent artifact ahead of its stage message and acknowledge it."""
+    _configure_logging()
+    cfg = _site_config(context)
+    events = SiteEvents(cfg.work_dir / EVENTS_FILE)
+    events.emit("message_in", bytes=request_bytes(msg), message_id=message_id(msg))
+    try:
+        part = parse_part_request(msg)
+    except ProtocolError as err:
+        logger.error("artifact part refused: %s", err)
+        return _send(cfg, events, build_part_reply(msg, None, str(err)))
+    incoming = cfg.work_dir / INCOMING_DIR
+    if part.index == 0:
+        discard_other_transfers(incoming, keep=part.transfer)
+    try:
+        store_part(incoming, part)
+    except (ProtocolError, OSError) as err:  # may name local files: details stay in the site log
+        logger.error("artifact part %d of %s not stored: %s", part.index, part.file, err)
+        return _send(cfg, events, build_part_reply(msg, part, f"{type(err).__name__}: part not stored"))
+    return _send(cfg, events, build_part_reply(msg, part), run_id=part.run_id, stage=part.stage_index)
+
+
 @app.train("stage")
 def stage(msg: Message, context: Context) -> Message:
     """Run one stage of the plan on this site's data and reply with the signed artifact (or the refusal)."""
@@ -122,7 +149,7 @@ def stage(msg: Message, context: Context) -> Message:
     # this is the process's only watch.
     start_supervisor_watch(abandon)
     try:
-        request = parse_stage_request(msg)
+        request = parse_stage_request(msg, cfg.work_dir / INCOMING_DIR)
         stage_index = request.stage_index
         extra = {"run_id": request.run_id, "stage": stage_index, "attempt": request.attempt}
         events.emit("stage_started", stage=stage_index, attempt=request.attempt, run_id=request.run_id)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -17,6 +19,8 @@ from invcoss_core.common.protocol import (
     ARTIFACT_RECORD,
     FILE_STYPE,
     METRICS_RECORD,
+    PART_MESSAGE,
+    PART_RECORD,
     PAYLOAD_RECORD,
     PROTOCOL_VERSION,
     QUERY_MESSAGE,
@@ -26,6 +30,7 @@ from invcoss_core.common.protocol import (
     STAGE_MESSAGE,
     STAGE_RECORD,
     STEP_RECORD,
+    PartRequest,
     ProtocolError,
     StageReply,
     StageRequest,
@@ -34,6 +39,8 @@ from invcoss_core.common.protocol import (
     check_file_array,
     check_payload_names,
     metric_fields,
+    parse_part_fields,
+    parse_parted_fields,
     parse_stage_fields,
     parse_step_fields,
     payload_bytes,
@@ -41,11 +48,13 @@ from invcoss_core.common.protocol import (
     site_fields,
     step_result_fields,
 )
+from site_client.parts import read_transfer
 
 __all__ = [
     "ARTIFACT_RECORD",
     "FILE_STYPE",
     "METRICS_RECORD",
+    "PART_MESSAGE",
     "PROTOCOL_VERSION",
     "QUERY_MESSAGE",
     "RESULT_RECORD",
@@ -56,10 +65,12 @@ __all__ = [
     "ProtocolError",
     "StageReply",
     "StageRequest",
+    "build_part_reply",
     "build_site_reply",
     "build_stage_reply",
     "build_step_reply",
     "message_id",
+    "parse_part_request",
     "parse_stage_request",
     "parse_step_request",
     "request_bytes",
@@ -94,18 +105,62 @@ def _files(record: ArrayRecord) -> dict[str, bytes]:
     return files
 
 
-def parse_stage_request(message: Message) -> StageRequest:
-    """Decode a `train.stage` message.
+def parse_stage_request(message: Message, incoming: Path | None = None) -> StageRequest:
+    """Decode a `train.stage` message, with the files that travelled ahead of it as `train.part` messages.
 
+    Args:
+        incoming: the site's folder of part transfers (`store_part`); None refuses a message that names parts.
     Raises:
-        ProtocolError: when records are missing, malformed or of another protocol version.
+        ProtocolError: when records are missing, malformed or of another protocol version, or parts are missing.
     """
     content = message.content
     if STAGE_RECORD not in content.config_records:
         raise ProtocolError("the stage request has no 'stage' record")
-    request = parse_stage_fields(content.config_records[STAGE_RECORD])
+    fields = content.config_records[STAGE_RECORD]
+    request = parse_stage_fields(fields)
     files = _files(content.array_records[ARTIFACT_RECORD]) if ARTIFACT_RECORD in content.array_records else {}
+    transfer, parted = parse_parted_fields(fields)
+    if parted:
+        if incoming is None:
+            raise ProtocolError("the stage request names artifact parts but this receiver keeps none")
+        overlap = sorted(set(parted) & set(files))
+        if overlap:
+            raise ProtocolError(f"files {overlap} travelled both inline and as parts")
+        files.update(read_transfer(incoming, transfer, parted))
     return dataclasses.replace(request, files=files)
+
+
+def parse_part_request(message: Message) -> PartRequest:
+    """Decode a `train.part` message: one slice of one artifact file.
+
+    Raises:
+        ProtocolError: when records are missing or malformed, or the slice lies outside its file.
+    """
+    content = message.content
+    if PART_RECORD not in content.config_records or ARTIFACT_RECORD not in content.array_records:
+        raise ProtocolError("the part message has no 'part' or 'artifact' record")
+    slices = _files(content.array_records[ARTIFACT_RECORD])
+    if len(slices) != 1:
+        raise ProtocolError(f"a part message carries one slice, not {len(slices)}")
+    ((name, data),) = slices.items()
+    part = parse_part_fields(content.config_records[PART_RECORD], data)
+    if part.file != name:
+        raise ProtocolError(f"the part record names {part.file}, its slice {name}")
+    return part
+
+
+def build_part_reply(request_message: Message, part: PartRequest | None, error: str = "") -> OutboundMessage:
+    """The acknowledgement of a part (what arrived, or why it was refused); it carries no array."""
+    ack: dict[str, Any] = {"ok": part is not None and not error, "error": error}
+    if part is not None:
+        ack.update(transfer=part.transfer, file=part.file, index=part.index, received=len(part.data))
+    content = RecordDict({RESULT_RECORD: ConfigRecord(ack)})
+    return OutboundMessage(
+        Message(content, reply_to=request_message),
+        "part_ack" if ack["ok"] else "part_refused",
+        {},
+        request_message.metadata.message_id,
+    )
 
 
 def request_bytes(message: Message) -> int:

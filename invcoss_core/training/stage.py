@@ -514,6 +514,7 @@ def run_stage(
         metrics=metrics,
         signer=signer,
         precision=training_precision(device, config.train.amp),
+        weights_dtype=config.handoff_weights,
         privacy=privacy,
     )
     artifact = decode_artifact(files, source=f"stage {stage_index} output")

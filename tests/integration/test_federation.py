@@ -291,6 +291,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, site_data_root: Path) -> Itera
         defaults=FAST_DEFAULTS,
         release_held=True,  # these runs test the federation's mechanics, not where the audit puts a stage
         retry={"stage_timeout_s": 300.0, "backoff_s": 1.0, "max_attempts": 4},
+        # 64 KiB parts: the tiny hand-offs' weights and pools travel as `train.part` messages, as base-sized ones do
+        superlink={"artifact_part_mib": 1 / 16},
     )
     record = RunRecord(fed)
     with fed:

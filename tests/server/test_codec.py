@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from unittest.mock import Mock
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 import server.codec as coordinator
 import site_client.codec as site
-from invcoss_core.artifact import decode_artifact
+from invcoss_core.artifact import ArtifactFiles, decode_artifact, write_artifact_dir
+from site_client.parts import store_part
 from tests.server.conftest import Keys, make_artifact
 
 
@@ -150,3 +155,84 @@ def test_a_step_request_and_its_signed_reply_survive_flower_messages(keys: Keys)
     )
     with pytest.raises(coordinator.ProtocolError):
         coordinator.parse_step_reply(bad)
+
+
+def _send_parts(messages: list[Message], incoming: Path) -> None:
+    for message in messages:
+        assert message.metadata.message_type == "train.part"
+        store_part(incoming, site.parse_part_request(message))
+
+
+@pytest.mark.parametrize("from_disk", [False, True])
+def test_a_big_artifact_travels_as_parts_ahead_of_its_stage_message_and_reassembles_exactly(
+    keys: Keys, tmp_path: Path, from_disk: bool
+) -> None:
+    files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
+    sha = decode_artifact(files).sha256
+    part_bytes = 4096
+    source = ArtifactFiles(write_artifact_dir(files, tmp_path / "checkpoint")) if from_disk else files
+    tmp_path = tmp_path / "incoming"
+    *parts, message = coordinator.build_part_messages(_request(sha), source, node_id=7, ttl=900, part_bytes=part_bytes)
+    assert message.metadata.message_type == "train.stage"
+    assert all(p.metadata.created_at < message.metadata.created_at for p in parts)  # delivered in creation order
+    big = {n: len(b) for n, b in files.items() if len(b) > part_bytes}
+    assert big and len(parts) == sum(-(-size // part_bytes) for size in big.values())
+    assert all(len(next(iter(p.content.array_records["artifact"].values())).data) <= part_bytes for p in parts)
+    assert set(message.content.array_records["artifact"]) == set(files) - set(big)  # small files stay inline
+    _send_parts(parts[::-1], tmp_path)  # the order of the slices does not matter
+    request = site.parse_stage_request(message, tmp_path)
+    assert request.files == files
+    assert decode_artifact(request.files).sha256 == sha
+    assert list(tmp_path.iterdir()) == []  # the transfer folder is gone once read
+
+
+def test_a_stage_message_whose_parts_did_not_all_arrive_is_refused(keys: Keys, tmp_path: Path) -> None:
+    files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
+    *parts, message = coordinator.build_part_messages(_request(), files, node_id=7, ttl=900, part_bytes=4096)
+    _send_parts(parts[1:], tmp_path)
+    with pytest.raises(site.ProtocolError, match="did not arrive whole"):
+        site.parse_stage_request(message, tmp_path)
+    with pytest.raises(site.ProtocolError, match="keeps none"):
+        site.parse_stage_request(message)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"file": "../weights.safetensors"}, "not an artifact file"),
+        ({"transfer": "../../etc"}, "32 lowercase hex"),
+        ({"offset": 1 << 20}, "outside the file"),
+        ({"protocol": 99}, "protocol version"),
+    ],
+)
+def test_a_part_with_an_unsafe_name_or_a_slice_outside_its_file_is_refused(
+    keys: Keys, change: dict[str, object], match: str
+) -> None:
+    files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
+    message = next(coordinator.build_part_messages(_request(), files, node_id=7, ttl=900, part_bytes=4096))
+    record = message.content.config_records["part"]
+    for key, value in change.items():
+        record[key] = value  # type: ignore[assignment]
+    with pytest.raises(site.ProtocolError, match=match):
+        site.parse_part_request(message)
+
+
+def test_the_grid_pushes_the_parts_before_the_stage_message_and_collects_their_acks(keys: Keys) -> None:
+    files = make_artifact(keys, run_id="run-1", stage=1, site="A", parent=None)
+    grid = Mock(spec=Grid)
+    pushed: list[Message] = []
+
+    def push(messages: list[Message]) -> list[str]:
+        pushed.extend(messages)
+        return [f"id-{len(pushed)}"]
+
+    grid.push_messages.side_effect = push
+    grid.pull_messages.return_value = []
+    flower_grid = coordinator.FlowerGrid(grid, part_bytes=4096)
+    message_id = flower_grid.send_stage(7, _request(), files, ttl=900)
+    types = [m.metadata.message_type for m in pushed]
+    assert types[-1] == "train.stage" and set(types[:-1]) == {"train.part"} and len(types) > 2
+    assert message_id == f"id-{len(pushed)}"
+    flower_grid.receive([message_id])
+    asked = {i for call in grid.pull_messages.call_args_list for i in call.args[0]}
+    assert asked == {f"id-{i}" for i in range(1, len(pushed) + 1)}

@@ -210,3 +210,68 @@ def test_garbage_key_files_give_a_clean_error(tmp_path: Path) -> None:
         load_private_key(bad)
     with pytest.raises(SigningKeyError, match="cannot read"):
         load_public_key(tmp_path / "missing.pub")
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_half_precision_weights_halve_the_weights_file_and_load_into_a_float32_model(
+    dtype: str, tolerance: float
+) -> None:
+    full, weights = _files()
+    half, _ = _files(weights_dtype=dtype)
+    art = decode_artifact(half)
+    assert art.manifest.weights_dtype == dtype and decode_artifact(full).manifest.weights_dtype == "float32"
+    assert len(half[WEIGHTS]) < 0.55 * len(full[WEIGHTS])
+    model = build_model(build_config("tiny").model)
+    model.load_state_dict(art.weights, strict=True)
+    for name, value in model.state_dict().items():
+        assert value.dtype == weights[name].dtype
+        relative = (value - weights[name]).abs().max() / weights[name].abs().max().clamp_min(1e-12)
+        assert float(relative) < tolerance, name
+
+
+def test_float16_overflow_and_a_dtype_the_manifest_does_not_name_are_refused() -> None:
+    _, weights = _files()
+    big = dict(weights)
+    key = next(k for k, v in big.items() if v.is_floating_point())
+    big[key] = big[key] + 1e6
+    with pytest.raises(ArtifactError, match="as float16"):
+        _files(weights=big, weights_dtype="float16")
+    files, _ = _files(weights_dtype="bfloat16")
+    manifest = json.loads(files[MANIFEST])
+    manifest["weights_dtype"] = "float32"
+    files[MANIFEST] = json.dumps(manifest).encode()
+    # Re-hashing is not enough: the weights are bfloat16 but the manifest says float32.
+    with pytest.raises(ArtifactError, match="the manifest says float32"):
+        decode_artifact(files)
+
+
+def _rehashed(files: dict[str, bytes], name: str, data: bytes) -> dict[str, bytes]:
+    """`files` with `name` replaced and the manifest's hash fixed up (as an attacker without the key could)."""
+    from invcoss_core.artifact import sha256_hex
+
+    manifest = json.loads(files[MANIFEST])
+    manifest["files"][name] = {"sha256": sha256_hex(data), "bytes": len(data)}
+    return {**files, name: data, MANIFEST: json.dumps(manifest).encode()}
+
+
+def test_verifying_without_keeping_tensors_checks_the_same_and_returns_none() -> None:
+    from safetensors.torch import save
+
+    files, weights = _files()
+    light = decode_artifact(files, keep_tensors=False)
+    assert light.sha256 == decode_artifact(files).sha256 and light.manifest.synthetic == {"ct": 5}
+    assert light.weights == {} and light.synthetic == {} and light.stats == {}
+    bad = {k: v.clone() for k, v in weights.items()}
+    key = next(k for k, v in bad.items() if v.is_floating_point())
+    bad[key].view(-1)[3] = float("inf")
+    for tampered in (
+        _rehashed(files, WEIGHTS, save(bad)),
+        _rehashed(files, SYNTHETIC, save({"ct": torch.rand(5, 1, 8, 16, 16).half()})),
+        _rehashed(files, WEIGHTS, b"\x00" * 64),
+        _rehashed(files, WEIGHTS, files[WEIGHTS][:-4]),  # a tensor's bytes cut short
+    ):
+        with pytest.raises(ArtifactError) as full:
+            decode_artifact(tampered)
+        with pytest.raises(ArtifactError) as views:
+            decode_artifact(tampered, keep_tensors=False)
+        assert str(views.value)[:40] == str(full.value)[:40]  # the same check refused it
