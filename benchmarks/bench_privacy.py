@@ -177,7 +177,8 @@ def main() -> None:
         tasks=settings.probe_tasks,
         max_per_class=settings.probe_max_per_class,
     )
-    results: dict[str, Any] = {"settings": {**vars(args), "out": str(args.out), "stage_steps": steps}}
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results: dict[str, Any] = {"settings": {**arguments, "stage_steps": steps}}
 
     data2 = stage_data(settings.config_for("finetune", seed, 1), modality)
     first: dict[str, Artifact] = {}
