@@ -22,9 +22,10 @@ ClientApp stores the parts and decodes the stage message with the site's code. I
 the artifact (and what float16 weights would take), the time against the goal (≤ 1.5 × the TLS socket's + the
 fixed overhead) and the peak resident memory (VmHWM, sampled every 0.1 s) of every Flower process against the
 artifact's bytes: the SuperLink, the ServerApp (the coordinator's side), the SuperNode and the ClientApps (the
-site's). Results: docs/results/handoff/.
+site's). Results: docs/results/real-sizes/handoff.md.
 
-    python benchmarks/bench_handoff.py --base --repeats 1 --part-mib 0,128,256 --out docs/results/handoff
+    python benchmarks/bench_handoff.py --base --repeats 1 --part-mib 0,128,256 --out bench-out/base
+    cp bench-out/base/results.json docs/results/real-sizes/handoff.json
 """
 
 from __future__ import annotations

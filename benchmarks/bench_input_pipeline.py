@@ -24,7 +24,7 @@ arithmetic; (2) the arithmetic bound: the model's training FLOPs per sample (cou
 dense bf16 (NVIDIA's datasheet figure). The goal: 4 workers ≥ 2 × consumption.
 
     python benchmarks/bench_input_pipeline.py --data ~/.cache/invcoss/samples --workers 0,1,2,4 --seconds 8 \
-        --json docs/results/input-pipeline/pipeline.json
+        --json docs/results/real-sizes/input-pipeline.json
     python benchmarks/bench_input_pipeline.py --data DIR --smoke        # seconds: tiny counts, no FLOP count
 """
 

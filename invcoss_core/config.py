@@ -244,7 +244,7 @@ class StageConfig(_Frozen):
     devices: int = Field(1, gt=0)
     # The dtype of the weights in this stage's hand-off artifact (recorded in its manifest): "float16" or
     # "bfloat16" halve weights.safetensors; the next stage loads them into its float32 model. Synthetic pools are
-    # float16 in every case. Measured in docs/results/handoff.
+    # float16 in every case. Measured in docs/results/real-sizes/handoff.md.
     handoff_weights: WeightsDtype = "float32"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())

@@ -71,7 +71,8 @@ class SuperLinkSettings(_Frozen):
     restart_limit: int = Field(3, ge=0)  # restarts of a crashed SuperLink before the coordinator gives up
     startup_timeout_s: float = Field(60.0, gt=0)
     # Artifact files above this size travel ahead of their stage message as `train.part` messages of at most this
-    # size: Flower holds a message whole, several times over, in every process it passes (docs/results/handoff).
+    # size: Flower holds a message whole, several times over, in every process it passes
+    # (docs/results/real-sizes/handoff.md).
     artifact_part_mib: float = Field(256.0, gt=0)
 
     @property

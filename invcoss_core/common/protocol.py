@@ -499,7 +499,7 @@ def parse_step_result(fields: Mapping[str, Any]) -> StepReply:
 # `decode_artifact` verification (manifest signature, every file's sha256) as inline ones.
 PART_MESSAGE = "train.part"
 PART_RECORD = "part"
-PART_BYTES = 256 << 20  # default part size: one slice per message (see docs/results/handoff)
+PART_BYTES = 256 << 20  # default part size: one slice per message (see docs/results/real-sizes/handoff.md)
 _TRANSFER_ID = re.compile(r"^[0-9a-f]{32}$")
 _PART_FILE = re.compile(r"^[a-z][a-z0-9_]{0,40}\.(safetensors|json|sig)$")
 MAX_PARTED_FILE_BYTES = 8 << 30

@@ -86,14 +86,21 @@ def stage_fingerprint(config: StageConfig, modality: str, incoming: Artifact | N
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def stage_schedule(config: StageConfig, n: int) -> tuple[int, int, int]:
+    """(batch size, steps per epoch, total steps) of a stage on `n` training samples."""
+    tc = config.train
+    batch_size = min(tc.batch_size, n)
+    steps_per_epoch = tc.steps_per_epoch or max(1, n // batch_size)
+    return batch_size, steps_per_epoch, steps_per_epoch * tc.epochs
+
+
 def stage_dp_summary(config: StageConfig, n: int) -> DPSummary | None:
     """The DP-SGD guarantee of a whole stage's schedule on `n` real samples (None: `privacy` asks for no DP)."""
-    pc, tc = config.privacy, config.train
+    pc = config.privacy
     if pc.dp_noise_multiplier is None:
         return None
-    batch_size = min(tc.batch_size, n)
-    steps = (tc.steps_per_epoch or max(1, n // batch_size)) * tc.epochs
-    return dp_summary(pc.dp_noise_multiplier, pc.dp_max_grad_norm, batch_size / n, steps, pc.dp_delta)
+    batch_size, _, total_steps = stage_schedule(config, n)
+    return dp_summary(pc.dp_noise_multiplier, pc.dp_max_grad_norm, batch_size / n, total_steps, pc.dp_delta)
 
 
 def _check_finite(value: float, what: str, epoch: int, steps: str) -> float:
@@ -154,9 +161,7 @@ def train_stage(
     tc = config.train
     ranks = distributed.current()  # a data-parallel rank (see distributed.py), or None for one process
     n = len(train_data)  # type: ignore[arg-type]
-    batch_size = min(tc.batch_size, n)
-    steps_per_epoch = tc.steps_per_epoch or max(1, n // batch_size)
-    total_steps = steps_per_epoch * tc.epochs
+    batch_size, steps_per_epoch, total_steps = stage_schedule(config, n)
     warmup = int(tc.warmup_fraction * total_steps)
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -194,22 +199,21 @@ def train_stage(
     dp_step: DPStep | None = None
     dp: DPSummary | None = None
     dp = stage_dp_summary(config, n)
-    if pc.dp_noise_multiplier is not None:  # DP-SGD on the real images (privacy/dp.py); one process only
-        sample_rate = batch_size / n
+    if dp is not None:  # DP-SGD on the real images (privacy/dp.py); one process only
         dp_step = DPStep(
             model=student,
             modality=modality,
-            max_grad_norm=pc.dp_max_grad_norm,
-            noise_multiplier=pc.dp_noise_multiplier,
-            expected_batch=sample_rate * n,
+            max_grad_norm=dp.max_grad_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_batch=float(batch_size),
             noise_generator=secret_generator(),
             microbatch=pc.dp_microbatch,
         )
         dp_sampling = secret_generator()
-        if pc.dp_delta * n >= 1:
+        if dp.delta * n >= 1:
             logger.warning(
                 "privacy.dp_delta %g is not below 1 / %d training samples: the guarantee is weak; lower it",
-                pc.dp_delta,
+                dp.delta,
                 n,
             )
     seen = 0
@@ -223,7 +227,7 @@ def train_stage(
             num_samples=steps_per_epoch * batch_size,
             generator=generator,
         )
-        if dp_step is None:
+        if dp is None:
             loader = DataLoader(
                 train_data,
                 batch_sampler=distributed.rank_batches(sampler, batch_size, ranks),  # a rank: its slice of each batch
@@ -233,7 +237,7 @@ def train_stage(
         else:  # Poisson batches (the accountant's assumption), drawn from a secret generator
             loader = DataLoader(
                 train_data,
-                batch_sampler=PoissonBatches(n, batch_size / n, steps_per_epoch, dp_sampling),
+                batch_sampler=PoissonBatches(n, dp.sample_rate, steps_per_epoch, dp_sampling),
                 collate_fn=collate_or_empty,
                 num_workers=tc.num_workers,
             )
