@@ -45,7 +45,7 @@ def test_copy_similarity_finds_the_source_image(trained_3d: Trained) -> None:
 def test_unrelated_images_are_not_blocked(trained: Trained) -> None:
     # The search maximises over many views, so it must still leave images unlike any real one alone. How held-out
     # *real* images fare (look-alikes of other subjects) is measured on the sample data by
-    # benchmarks/bench_gate_disguise.py (docs/results/privacy-gate).
+    # benchmarks/bench_gate_disguise.py (docs/results/privacy/gate.md).
     shape = tuple(trained.data.tensors().shape[1:])
     unrelated = torch.rand((16, *shape), generator=torch.Generator().manual_seed(99))
     outcome = _gate(trained, unrelated)
