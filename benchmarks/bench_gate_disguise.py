@@ -6,7 +6,7 @@ validation split's crops (other subjects, never trained on) measure the false-bl
 pixel-only, so no model is needed; the plain nearest-neighbour correlation (the gate's `pixel` measure) is
 reported beside it, at the same thresholds, side by side in one run.
 
-    python benchmarks/bench_gate_disguise.py --profile small --out docs/results/privacy-gate/gate.json
+    python benchmarks/bench_gate_disguise.py --profile small --out docs/results/privacy/gate.json
 """
 
 from __future__ import annotations
